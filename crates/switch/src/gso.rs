@@ -1,0 +1,2 @@
+//! Software offloads at the edge: complete partial checksums and segment GSO frames for
+//! destinations that cannot take them (see [`crate::OffloadCaps`]).

@@ -1,0 +1,586 @@
+//! The switch: ports, VLAN access ports, learning, flooding, batches.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::fdb::{Fdb, Learn};
+use crate::frame::{EthernetFrame, Frame, MacAddr, ETHERTYPE_VLAN, ETH_VLAN_HEADER_LEN};
+use crate::hdr::NetHdr;
+use crate::stats::{DropReason, PortStats, PortStatsSnapshot};
+
+/// A port's handle on its switch. Stable for the port's lifetime; reused after removal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u32);
+
+/// The receiving side of a port: how the switch hands it frames.
+///
+/// `deliver` may be called from any port's worker thread, concurrently. It copies the frame into
+/// the port's own memory (guest RX buffers, a ring slot, a socket) before it returns: the view is
+/// only borrowed. It may defer publishing (used ring index, interrupt) to [`PortSink::flush`],
+/// which the switch calls once per batch for every port it delivered to.
+pub trait PortSink: Send + Sync {
+    /// Copy one frame into the port. An error is counted against the port as a drop.
+    fn deliver(&self, frame: &dyn Frame, hdr: &NetHdr) -> Result<(), DropReason>;
+
+    /// Publish what `deliver` wrote since the last flush and notify the other side.
+    fn flush(&self) {}
+}
+
+/// How a port joins the switch.
+#[derive(Clone, Debug, Default)]
+pub struct PortConfig {
+    /// A name for logs and stats (the socket path, "uplink", "gateway").
+    pub name: String,
+    /// Access VLAN: frames from the port belong to this VLAN and only ports of the same VLAN
+    /// see them. `None` is the untagged default VLAN. Tagged frames are dropped on access ports.
+    pub vlan: Option<u16>,
+}
+
+/// Switch-wide settings.
+#[derive(Clone, Debug)]
+pub struct SwitchConfig {
+    /// Name of the network (for logs).
+    pub name: String,
+    /// Seconds after which an unseen MAC is forgotten (default 300, like 802.1D).
+    pub ageing_secs: u64,
+    /// Maximum FDB entries.
+    pub max_fdb_entries: usize,
+    /// Maximum MACs one port may have learned at once.
+    pub max_macs_per_port: usize,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            name: "switch".into(),
+            ageing_secs: 300,
+            max_fdb_entries: 16 * 1024,
+            max_macs_per_port: 256,
+        }
+    }
+}
+
+struct PortEntry {
+    id: PortId,
+    name: String,
+    vlan: u16,
+    sink: Arc<dyn PortSink>,
+    stats: Arc<PortStats>,
+}
+
+#[derive(Default)]
+struct PortTable {
+    ports: Vec<Option<Arc<PortEntry>>>,
+}
+
+/// An L2 learning switch. Cheap to share (`Arc<Switch>`); every method takes `&self`.
+pub struct Switch {
+    config: SwitchConfig,
+    table: ArcSwap<PortTable>,
+    /// Serialises writers of `table` (add/remove); readers never wait.
+    table_writer: Mutex<()>,
+    /// Bumped on every port table change so batches know to reload their snapshot.
+    generation: AtomicU64,
+    fdb: Fdb,
+    epoch: Instant,
+}
+
+/// Per-worker state for forwarding a batch of frames: a snapshot of the port table, the clock,
+/// and the set of ports that need a flush. Create once per worker with [`Switch::new_batch`] and
+/// reuse it: it allocates only when the port table grows.
+pub struct TxBatch {
+    table: Arc<PortTable>,
+    generation: u64,
+    now: u64,
+    touched: Vec<u64>,
+}
+
+impl TxBatch {
+    fn touch(&mut self, id: PortId) {
+        let i = id.0 as usize;
+        let w = i / 64;
+        if w >= self.touched.len() {
+            self.touched.resize(w + 1, 0);
+        }
+        self.touched[w] |= 1 << (i % 64);
+    }
+
+    /// Override the batch clock (seconds since the switch started); for tests of ageing.
+    pub fn set_now(&mut self, now: u64) {
+        self.now = now;
+    }
+}
+
+impl Switch {
+    /// A switch with no ports.
+    pub fn new(config: SwitchConfig) -> Arc<Self> {
+        let fdb = Fdb::new(
+            config.ageing_secs,
+            config.max_fdb_entries,
+            config.max_macs_per_port,
+        );
+        Arc::new(Switch {
+            config,
+            table: ArcSwap::from_pointee(PortTable::default()),
+            table_writer: Mutex::new(()),
+            generation: AtomicU64::new(0),
+            fdb,
+            epoch: Instant::now(),
+        })
+    }
+
+    /// The switch's settings.
+    pub fn config(&self) -> &SwitchConfig {
+        &self.config
+    }
+
+    /// Seconds since the switch was created (the FDB clock).
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_secs()
+    }
+
+    /// Plug a port in. The returned id is what the port passes to [`Switch::forward`].
+    pub fn add_port(&self, config: PortConfig, sink: Arc<dyn PortSink>) -> PortId {
+        let _w = self.table_writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.table.load_full();
+        let mut ports = old.ports.clone();
+        let slot = ports.iter().position(Option::is_none).unwrap_or_else(|| {
+            ports.push(None);
+            ports.len() - 1
+        });
+        let id = PortId(slot as u32);
+        ports[slot] = Some(Arc::new(PortEntry {
+            id,
+            name: config.name,
+            vlan: config.vlan.unwrap_or(0),
+            sink,
+            stats: Arc::new(PortStats::default()),
+        }));
+        self.table.store(Arc::new(PortTable { ports }));
+        self.generation.fetch_add(1, Ordering::Release);
+        id
+    }
+
+    /// Unplug a port: it receives nothing more, and what it had learned is forgotten.
+    /// Returns its final counters.
+    pub fn remove_port(&self, id: PortId) -> Option<PortStatsSnapshot> {
+        let _w = self.table_writer.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.table.load_full();
+        let entry = old.ports.get(id.0 as usize)?.clone()?;
+        let mut ports = old.ports.clone();
+        ports[id.0 as usize] = None;
+        while matches!(ports.last(), Some(None)) {
+            ports.pop();
+        }
+        self.table.store(Arc::new(PortTable { ports }));
+        self.generation.fetch_add(1, Ordering::Release);
+        self.fdb.flush_port(id);
+        Some(entry.stats.snapshot())
+    }
+
+    /// The live counters of a port (shared; keep the `Arc` to read them later cheaply).
+    pub fn port_stats(&self, id: PortId) -> Option<Arc<PortStats>> {
+        let t = self.table.load();
+        t.ports
+            .get(id.0 as usize)?
+            .as_ref()
+            .map(|p| p.stats.clone())
+    }
+
+    /// A snapshot of every port: (id, name, vlan, counters).
+    pub fn ports(&self) -> Vec<(PortId, String, Option<u16>, PortStatsSnapshot)> {
+        let t = self.table.load();
+        t.ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                let vlan = (p.vlan != 0).then_some(p.vlan);
+                (p.id, p.name.clone(), vlan, p.stats.snapshot())
+            })
+            .collect()
+    }
+
+    /// The forwarding database.
+    pub fn fdb(&self) -> &Fdb {
+        &self.fdb
+    }
+
+    /// Forget what a port had learned (e.g. its driver reset or its link went down).
+    pub fn flush_port_fdb(&self, id: PortId) {
+        self.fdb.flush_port(id);
+    }
+
+    /// Drop aged entries from the FDB; call now and then from the control plane.
+    pub fn age(&self) -> usize {
+        self.fdb.age(self.now())
+    }
+
+    /// A batch for one worker. Reuse it across kicks.
+    pub fn new_batch(&self) -> TxBatch {
+        TxBatch {
+            table: self.table.load_full(),
+            generation: self.generation.load(Ordering::Acquire),
+            now: self.now(),
+            touched: Vec::new(),
+        }
+    }
+
+    /// Start a batch: refresh the port snapshot if ports came or went, and the clock.
+    pub fn begin(&self, batch: &mut TxBatch) {
+        let g = self.generation.load(Ordering::Acquire);
+        if g != batch.generation {
+            batch.table = self.table.load_full();
+            batch.generation = g;
+        }
+        batch.now = self.now();
+    }
+
+    /// Count a drop that happened at a port before the frame reached the switch (bad
+    /// descriptors, truncated headers…).
+    pub fn count_drop(&self, batch: &TxBatch, port: PortId, reason: DropReason) {
+        if let Some(Some(p)) = batch.table.ports.get(port.0 as usize) {
+            p.stats.count_drop(reason);
+        }
+    }
+
+    /// Switch one frame that arrived on `ingress`. Delivery happens before this returns;
+    /// notifications wait for [`Switch::end`].
+    pub fn forward(&self, batch: &mut TxBatch, ingress: PortId, frame: &dyn Frame, hdr: &NetHdr) {
+        let table = batch.table.clone();
+        let Some(Some(src)) = table.ports.get(ingress.0 as usize) else {
+            return;
+        };
+        let len = frame.len();
+        src.stats.count_rx(len);
+
+        let mut head = [0u8; ETH_VLAN_HEADER_LEN];
+        let got = frame.read_at(0, &mut head);
+        let Ok(eth) = EthernetFrame::new_checked(&head[..got]) else {
+            src.stats.count_drop(DropReason::FrameTooShort);
+            return;
+        };
+        let src_mac = eth.src();
+        if !src_mac.is_unicast() {
+            src.stats.count_drop(DropReason::BadSourceMac);
+            return;
+        }
+        if eth.ethertype() == ETHERTYPE_VLAN {
+            // Access ports carry untagged frames only.
+            src.stats.count_drop(DropReason::VlanFiltered);
+            return;
+        }
+        let vlan = src.vlan;
+        let now = batch.now;
+        if self.fdb.learn(vlan, src_mac, ingress, now) == Learn::Limited {
+            // Not fatal: the frame still goes out, it just cannot be answered by unicast.
+        }
+
+        let dst_mac = eth.dst();
+        if !dst_mac.is_multicast() {
+            if let Some(dst) = self.fdb.lookup(vlan, dst_mac, now) {
+                if dst == ingress {
+                    src.stats.count_drop(DropReason::Hairpin);
+                    return;
+                }
+                if let Some(Some(d)) = table.ports.get(dst.0 as usize) {
+                    if d.vlan == vlan {
+                        Self::deliver_to(batch, d, frame, hdr);
+                        return;
+                    }
+                }
+            }
+        }
+        src.stats.count_flood();
+        for d in table.ports.iter().flatten() {
+            if d.id != ingress && d.vlan == vlan {
+                Self::deliver_to(batch, d, frame, hdr);
+            }
+        }
+    }
+
+    fn deliver_to(batch: &mut TxBatch, d: &PortEntry, frame: &dyn Frame, hdr: &NetHdr) {
+        match d.sink.deliver(frame, hdr) {
+            Ok(()) => {
+                d.stats.count_tx(frame.len());
+                batch.touch(d.id);
+            }
+            Err(reason) => d.stats.count_drop(reason),
+        }
+    }
+
+    /// Inject a frame from outside any port (services answering on behalf of the network):
+    /// delivered to `dst` only, counted as transmitted to it.
+    pub fn deliver_to_port(
+        &self,
+        batch: &mut TxBatch,
+        dst: PortId,
+        frame: &dyn Frame,
+        hdr: &NetHdr,
+    ) -> bool {
+        let table = batch.table.clone();
+        match table.ports.get(dst.0 as usize) {
+            Some(Some(d)) => {
+                Self::deliver_to(batch, d, frame, hdr);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// End a batch: flush every port that received frames, once.
+    pub fn end(&self, batch: &mut TxBatch) {
+        for w in 0..batch.touched.len() {
+            let mut bits = std::mem::take(&mut batch.touched[w]);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if let Some(Some(p)) = batch.table.ports.get(w * 64 + b) {
+                    p.sink.flush();
+                }
+            }
+        }
+    }
+
+    /// Where a unicast MAC is, if known.
+    pub fn lookup(&self, vlan: Option<u16>, mac: MacAddr) -> Option<PortId> {
+        self.fdb.lookup(vlan.unwrap_or(0), mac, self.now())
+    }
+}
+
+impl std::fmt::Debug for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switch")
+            .field("name", &self.config.name)
+            .field("ports", &self.table.load().ports.iter().flatten().count())
+            .field("fdb_entries", &self.fdb.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::SliceFrame;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A sink that records frames into a preallocated log.
+    #[derive(Default)]
+    struct Recorder {
+        frames: Mutex<Vec<Vec<u8>>>,
+        flushes: AtomicUsize,
+        fail: Option<DropReason>,
+    }
+
+    impl PortSink for Recorder {
+        fn deliver(&self, frame: &dyn Frame, _hdr: &NetHdr) -> Result<(), DropReason> {
+            if let Some(r) = self.fail {
+                return Err(r);
+            }
+            let mut v = vec![0u8; frame.len()];
+            frame.read_at(0, &mut v);
+            self.frames.lock().unwrap().push(v);
+            Ok(())
+        }
+        fn flush(&self) {
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn mac(n: u8) -> [u8; 6] {
+        [0x52, 0x54, 0, 0, 0, n]
+    }
+
+    fn eth(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&[0xab; 46]);
+        f
+    }
+
+    fn setup(n: usize) -> (Arc<Switch>, Vec<(PortId, Arc<Recorder>)>) {
+        let sw = Switch::new(SwitchConfig::default());
+        let ports = (0..n)
+            .map(|i| {
+                let r = Arc::new(Recorder::default());
+                let id = sw.add_port(
+                    PortConfig {
+                        name: format!("p{i}"),
+                        vlan: None,
+                    },
+                    r.clone(),
+                );
+                (id, r)
+            })
+            .collect();
+        (sw, ports)
+    }
+
+    fn send(sw: &Switch, from: PortId, f: &[u8]) {
+        let mut b = sw.new_batch();
+        sw.begin(&mut b);
+        sw.forward(&mut b, from, &SliceFrame(f), &NetHdr::NONE);
+        sw.end(&mut b);
+    }
+
+    fn count(r: &Recorder) -> usize {
+        r.frames.lock().unwrap().len()
+    }
+
+    #[test]
+    fn unknown_unicast_floods_then_learning_makes_it_unicast() {
+        let (sw, p) = setup(3);
+        send(&sw, p[0].0, &eth(mac(2), mac(1)));
+        assert_eq!((count(&p[0].1), count(&p[1].1), count(&p[2].1)), (0, 1, 1));
+        // p1 answers: mac(1) is known, so only p0 gets it.
+        send(&sw, p[1].0, &eth(mac(1), mac(2)));
+        assert_eq!((count(&p[0].1), count(&p[1].1), count(&p[2].1)), (1, 1, 1));
+        // Now mac(2) is known too.
+        send(&sw, p[0].0, &eth(mac(2), mac(1)));
+        assert_eq!((count(&p[0].1), count(&p[1].1), count(&p[2].1)), (1, 2, 1));
+        let s0 = sw.port_stats(p[0].0).unwrap().snapshot();
+        assert_eq!(s0.rx_frames, 2);
+        assert_eq!(s0.flooded, 1);
+        assert_eq!(s0.tx_frames, 1);
+    }
+
+    #[test]
+    fn broadcast_reaches_all_others_never_ingress() {
+        let (sw, p) = setup(4);
+        send(&sw, p[2].0, &eth([0xff; 6], mac(3)));
+        let c: Vec<usize> = p.iter().map(|(_, r)| count(r)).collect();
+        assert_eq!(c, vec![1, 1, 0, 1]);
+        // Multicast too.
+        send(&sw, p[2].0, &eth([0x01, 0x00, 0x5e, 0, 0, 1], mac(3)));
+        let c: Vec<usize> = p.iter().map(|(_, r)| count(r)).collect();
+        assert_eq!(c, vec![2, 2, 0, 2]);
+    }
+
+    #[test]
+    fn hairpin_and_bad_frames_are_counted_drops() {
+        let (sw, p) = setup(2);
+        send(&sw, p[0].0, &eth(mac(9), mac(1)));
+        // mac(1) is on p0; a frame from p0 to mac(1) must not go back.
+        send(&sw, p[0].0, &eth(mac(1), mac(1)));
+        let s = sw.port_stats(p[0].0).unwrap().snapshot();
+        assert_eq!(s.drop_count(DropReason::Hairpin), 1);
+        send(&sw, p[0].0, &[0u8; 10]);
+        send(&sw, p[0].0, &eth(mac(2), [0xff; 6]));
+        let mut tagged = eth(mac(2), mac(1));
+        tagged[12] = 0x81;
+        tagged[13] = 0x00;
+        send(&sw, p[0].0, &tagged);
+        let s = sw.port_stats(p[0].0).unwrap().snapshot();
+        assert_eq!(s.drop_count(DropReason::FrameTooShort), 1);
+        assert_eq!(s.drop_count(DropReason::BadSourceMac), 1);
+        assert_eq!(s.drop_count(DropReason::VlanFiltered), 1);
+        assert_eq!(count(&p[1].1), 1);
+    }
+
+    #[test]
+    fn vlans_are_separate() {
+        let sw = Switch::new(SwitchConfig::default());
+        let mk = |vlan| {
+            let r = Arc::new(Recorder::default());
+            let id = sw.add_port(
+                PortConfig {
+                    name: String::new(),
+                    vlan,
+                },
+                r.clone(),
+            );
+            (id, r)
+        };
+        let a = mk(Some(10));
+        let b = mk(Some(10));
+        let c = mk(Some(20));
+        let d = mk(None);
+        send(&sw, a.0, &eth([0xff; 6], mac(1)));
+        assert_eq!((count(&b.1), count(&c.1), count(&d.1)), (1, 0, 0));
+        send(&sw, c.0, &eth(mac(1), mac(3)));
+        assert_eq!(count(&a.1), 0, "known in VLAN 10 only");
+    }
+
+    #[test]
+    fn flush_once_per_batch_and_drops_counted_at_destination() {
+        let sw = Switch::new(SwitchConfig::default());
+        let a = Arc::new(Recorder::default());
+        let b = Arc::new(Recorder::default());
+        let full = Arc::new(Recorder {
+            fail: Some(DropReason::NoRxBuffers),
+            ..Default::default()
+        });
+        let pa = sw.add_port(PortConfig::default(), a.clone());
+        let pb = sw.add_port(PortConfig::default(), b.clone());
+        let pf = sw.add_port(PortConfig::default(), full.clone());
+        let mut batch = sw.new_batch();
+        sw.begin(&mut batch);
+        for _ in 0..10 {
+            sw.forward(
+                &mut batch,
+                pa,
+                &SliceFrame(&eth([0xff; 6], mac(1))),
+                &NetHdr::NONE,
+            );
+        }
+        sw.end(&mut batch);
+        assert_eq!(count(&b), 10);
+        assert_eq!(b.flushes.load(Ordering::Relaxed), 1);
+        assert_eq!(full.flushes.load(Ordering::Relaxed), 0);
+        let sf = sw.port_stats(pf).unwrap().snapshot();
+        assert_eq!(sf.drop_count(DropReason::NoRxBuffers), 10);
+        assert_eq!(sw.port_stats(pb).unwrap().snapshot().tx_frames, 10);
+    }
+
+    #[test]
+    fn removed_port_gets_nothing_and_is_forgotten() {
+        let (sw, p) = setup(3);
+        send(&sw, p[1].0, &eth(mac(1), mac(2)));
+        assert_eq!(sw.lookup(None, MacAddr(mac(2))), Some(p[1].0));
+        let last = sw.remove_port(p[1].0).unwrap();
+        assert_eq!(last.rx_frames, 1);
+        assert_eq!(sw.lookup(None, MacAddr(mac(2))), None);
+        send(&sw, p[0].0, &eth(mac(2), mac(1)));
+        assert_eq!(count(&p[1].1), 0);
+        assert_eq!(count(&p[2].1), 2);
+        // The slot is reused.
+        let r = Arc::new(Recorder::default());
+        let id = sw.add_port(PortConfig::default(), r);
+        assert_eq!(id, p[1].0);
+    }
+
+    #[test]
+    fn ageing_turns_unicast_back_into_flooding() {
+        let (sw, p) = setup(3);
+        let mut b = sw.new_batch();
+        sw.begin(&mut b);
+        b.set_now(0);
+        sw.forward(
+            &mut b,
+            p[1].0,
+            &SliceFrame(&eth(mac(1), mac(2))),
+            &NetHdr::NONE,
+        );
+        b.set_now(100);
+        sw.forward(
+            &mut b,
+            p[0].0,
+            &SliceFrame(&eth(mac(2), mac(1))),
+            &NetHdr::NONE,
+        );
+        assert_eq!(count(&p[2].1), 1, "only the first (unknown) frame flooded");
+        b.set_now(1000);
+        sw.forward(
+            &mut b,
+            p[0].0,
+            &SliceFrame(&eth(mac(2), mac(1))),
+            &NetHdr::NONE,
+        );
+        sw.end(&mut b);
+        assert_eq!(count(&p[2].1), 2, "aged out: flooded again");
+    }
+}
