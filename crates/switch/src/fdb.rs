@@ -6,11 +6,36 @@
 //! sprays random source MACs cannot grow memory or evict everybody else.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::RwLock;
 
 use crate::frame::MacAddr;
 use crate::switch::PortId;
+
+/// A fast hasher for the FDB's 8-byte keys (VLAN + MAC). MACs are not secret and the table is
+/// bounded per port, so SipHash's flooding resistance buys nothing here; this is a multiply-mix.
+#[derive(Default)]
+struct MacHasher(u64);
+
+impl Hasher for MacHasher {
+    fn finish(&self) -> u64 {
+        let x = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | self.0 >> 56) ^ u64::from(b);
+        }
+    }
+
+    fn write_u16(&mut self, v: u16) {
+        self.0 = (self.0 << 16 | self.0 >> 48) ^ u64::from(v);
+    }
+}
+
+type FdbMap = HashMap<(u16, MacAddr), Entry, BuildHasherDefault<MacHasher>>;
 
 #[derive(Debug)]
 struct Entry {
@@ -32,7 +57,7 @@ pub enum Learn {
 /// The forwarding database.
 #[derive(Debug)]
 pub struct Fdb {
-    map: RwLock<HashMap<(u16, MacAddr), Entry>>,
+    map: RwLock<FdbMap>,
     ageing_secs: u64,
     max_entries: usize,
     max_per_port: usize,
@@ -42,7 +67,7 @@ impl Fdb {
     /// A table whose entries expire `ageing_secs` after they were last seen.
     pub fn new(ageing_secs: u64, max_entries: usize, max_per_port: usize) -> Self {
         Fdb {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(FdbMap::default()),
             ageing_secs,
             max_entries,
             max_per_port,

@@ -1,2 +1,635 @@
 //! Software offloads at the edge: complete partial checksums and segment GSO frames for
 //! destinations that cannot take them (see [`crate::OffloadCaps`]).
+//!
+//! # Theory of operation
+//!
+//! Between two guests that both negotiated CSUM/TSO a 64 KiB GSO frame crosses the switch whole.
+//! When the destination did not negotiate what a frame needs, its RX path hands the frame to a
+//! [`Segmenter`] (one per worker, reused) which turns it into frames the destination accepts:
+//!
+//! | frame's [`NetHdr`]                 | destination lacks         | what [`Segmenter::adapt`] emits                    |
+//! |------------------------------------|---------------------------|----------------------------------------------------|
+//! | anything `caps.accepts()`          | nothing                   | the frame and its header, untouched                |
+//! | `NEEDS_CSUM`, no GSO               | `csum`                    | one frame, checksum completed at `csum_start`      |
+//! | `GSO_TCPV4` / `GSO_TCPV6` (+ECN)   | `tso4` / `tso6` / `ecn`   | MSS-sized TCP segments, every checksum valid       |
+//! | `GSO_UDP` over IPv4                | `ufo`                     | IPv4 fragments of one checksummed UDP datagram     |
+//!
+//! Emitted frames carry `NetHdr { flags: FLAG_DATA_VALID, ..NetHdr::NONE }`.
+//!
+//! The frame is copied once into a scratch buffer (guest memory is shared and may change under
+//! us: every decision is made on the copy). Each segment is then emitted as a two-piece
+//! [`SlicesFrame`]: a rewritten header in a small stack buffer, and a payload slice borrowed
+//! from the scratch buffer; the sink copies it straight to its destination. The scratch buffer
+//! grows once to the largest frame seen (at most [`MAX_FRAME_LEN`]); after that nothing is
+//! allocated.
+//!
+//! ```text
+//!   scratch: | eth | ip | tcp |  payload 0  |  payload 1  | ... |  payload n  |
+//!                 \____________/      │
+//!   segment i:  [ eth | ip' | tcp' ] + [ payload i ]     ip' = length, id+i, checksum
+//!                 (stack header)     (borrowed slice)   tcp' = seq+i*mss, flags, checksum
+//! ```
+//!
+//! Everything is validated before the first frame is emitted, so a malformed frame is dropped
+//! whole (never half-delivered). Supported: Ethernet with at most one 802.1Q tag, IPv4 with
+//! options, IPv6 without extension headers (extension headers are rejected), TCP with options.
+//! UFO is supported over IPv4 only (IPv6 UFO would need a fragment header and is rejected).
+
+use crate::frame::{
+    Frame, SliceFrame, SlicesFrame, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, ETH_HEADER_LEN,
+    ETH_VLAN_HEADER_LEN,
+};
+use crate::hdr::{NetHdr, FLAG_DATA_VALID, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP};
+use crate::stats::DropReason;
+
+/// Largest frame the segmenter takes: a tagged Ethernet header, an IPv6 header and the largest
+/// IPv6 payload (65535). IPv4 frames are further limited by the 16-bit total length.
+pub const MAX_FRAME_LEN: usize = ETH_VLAN_HEADER_LEN + IPV6_HEADER_LEN + 0xffff;
+
+/// Longest header a segment can carry: tagged Ethernet, IPv4 with 40 bytes of options, TCP with
+/// 40 bytes of options.
+const MAX_HEADERS_LEN: usize = ETH_VLAN_HEADER_LEN + 60 + 60;
+
+const IPV4_MIN_HEADER_LEN: usize = 20;
+const IPV6_HEADER_LEN: usize = 40;
+const TCP_MIN_HEADER_LEN: usize = 20;
+const UDP_HEADER_LEN: usize = 8;
+const IP_PROTO_TCP: u8 = 6;
+const IP_PROTO_UDP: u8 = 17;
+
+/// Why a frame could not be adapted. Every variant is counted as
+/// [`DropReason::SoftwareOffload`]; [`Segmenter::last_error`] tells which one it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Longer than [`MAX_FRAME_LEN`], or than the IP length fields allow.
+    #[error("Frame too long to segment")]
+    TooLong,
+    /// The frame ends inside its Ethernet, IP or L4 header.
+    #[error("Frame ends inside its headers")]
+    Truncated,
+    /// `hdr_len` points past the end of the frame.
+    #[error("Header length beyond the frame")]
+    HdrLenBeyondFrame,
+    /// The checksum start/offset do not fit in the frame.
+    #[error("Checksum offsets out of range")]
+    BadChecksumOffsets,
+    /// `gso_size` is zero (or below 8 for UDP fragmentation).
+    #[error("GSO size too small")]
+    BadGsoSize,
+    /// A GSO type this module does not know.
+    #[error("Unknown GSO type {0:#04x}")]
+    UnknownGsoType(u8),
+    /// Neither IPv4 nor IPv6 (after at most one VLAN tag).
+    #[error("Unsupported ethertype {0:#06x}")]
+    UnsupportedEthertype(u16),
+    /// The IP version does not match the ethertype or the GSO type, or the IHL is below 5.
+    #[error("Malformed IP header")]
+    BadIpHeader,
+    /// The IPv4 packet is already a fragment.
+    #[error("IPv4 fragment cannot be segmented")]
+    Fragment,
+    /// The L4 protocol is not the one the GSO type needs (IPv6 extension headers land here).
+    #[error("Unexpected L4 protocol {0}")]
+    WrongProtocol(u8),
+    /// TCP data offset below 5.
+    #[error("Malformed TCP header")]
+    BadTcpHeader,
+    /// UDP fragmentation over IPv6 is not implemented.
+    #[error("UDP fragmentation over IPv6 is not supported")]
+    UfoIpv6,
+    /// The frame changed length while it was copied.
+    #[error("Frame shorter than announced")]
+    ShortRead,
+}
+
+impl From<Error> for DropReason {
+    fn from(_: Error) -> Self {
+        DropReason::SoftwareOffload
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// Field offsets, smoltcp style (relative to the start of each header).
+mod field {
+    #![allow(dead_code)]
+    use std::ops::Range;
+
+    pub mod eth {
+        use super::Range;
+        pub const ETHERTYPE: Range<usize> = 12..14;
+        pub const INNER_ETHERTYPE: Range<usize> = 16..18;
+    }
+
+    pub mod ipv4 {
+        use super::Range;
+        pub const VER_IHL: usize = 0;
+        pub const TOTAL_LEN: Range<usize> = 2..4;
+        pub const IDENT: Range<usize> = 4..6;
+        pub const FLG_OFF: Range<usize> = 6..8;
+        pub const PROTOCOL: usize = 9;
+        pub const CHECKSUM: Range<usize> = 10..12;
+        pub const SRC_ADDR: Range<usize> = 12..16;
+        pub const DST_ADDR: Range<usize> = 16..20;
+        /// "More fragments" in the flags/offset word.
+        pub const FLAG_MF: u16 = 0x2000;
+        /// "Don't fragment".
+        pub const FLAG_DF: u16 = 0x4000;
+        pub const OFFSET_MASK: u16 = 0x1fff;
+    }
+
+    pub mod ipv6 {
+        use super::Range;
+        pub const VER_TC_FLOW: usize = 0;
+        pub const PAYLOAD_LEN: Range<usize> = 4..6;
+        pub const NXT_HDR: usize = 6;
+        pub const SRC_ADDR: Range<usize> = 8..24;
+        pub const DST_ADDR: Range<usize> = 24..40;
+    }
+
+    pub mod tcp {
+        use super::Range;
+        pub const SEQ_NUM: Range<usize> = 4..8;
+        pub const DATA_OFF: usize = 12;
+        pub const FLAGS: usize = 13;
+        pub const CHECKSUM: Range<usize> = 16..18;
+        pub const FLG_FIN: u8 = 0x01;
+        pub const FLG_PSH: u8 = 0x08;
+        pub const FLG_CWR: u8 = 0x80;
+    }
+
+    pub mod udp {
+        use super::Range;
+        pub const LENGTH: Range<usize> = 4..6;
+        pub const CHECKSUM: Range<usize> = 6..8;
+    }
+}
+
+/// Internet checksum (RFC 1071) building blocks.
+///
+/// A running sum is a `u64` of big-endian 16-bit words; [`checksum::accumulate`] adds bytes to
+/// it and [`checksum::fold`] reduces it to 16 bits. The checksum to store is `!fold(sum)`.
+/// Pieces fed one after the other must each have an even length except the last (a trailing
+/// odd byte is padded with zero, as in the RFC).
+pub mod checksum {
+    /// Add `data` to the running sum `sum`.
+    pub fn accumulate(sum: u64, data: &[u8]) -> u64 {
+        // Keep the incoming sum below 2^33 so 64 KiB of 32-bit words cannot overflow; folding
+        // the high half into the low half preserves the value modulo 0xffff.
+        let mut s = (sum & 0xffff_ffff) + (sum >> 32);
+        let mut words = data.chunks_exact(4);
+        for w in &mut words {
+            s += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+        }
+        let rest = words.remainder();
+        let mut tail = [0u8; 4];
+        tail[..rest.len()].copy_from_slice(rest);
+        s + u64::from(u32::from_be_bytes(tail))
+    }
+
+    /// Reduce a running sum to 16 bits (ones' complement addition; not complemented).
+    pub fn fold(sum: u64) -> u16 {
+        let mut s = sum;
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        // The loop leaves s <= 0xffff.
+        s as u16
+    }
+
+    /// The Internet checksum of `data`: `!fold(accumulate(0, data))`.
+    pub fn checksum(data: &[u8]) -> u16 {
+        !fold(accumulate(0, data))
+    }
+
+    /// The running sum of an IPv4 pseudo-header (addresses, protocol, upper-layer length).
+    pub fn pseudo_header_v4(src: &[u8], dst: &[u8], proto: u8, len: u32) -> u64 {
+        let s = accumulate(accumulate(0, src), dst);
+        s + u64::from(proto) + u64::from(len)
+    }
+
+    /// The running sum of an IPv6 pseudo-header (addresses, upper-layer length, next header).
+    pub fn pseudo_header_v6(src: &[u8], dst: &[u8], proto: u8, len: u32) -> u64 {
+        let s = accumulate(accumulate(0, src), dst);
+        s + u64::from(proto) + u64::from(len >> 16) + u64::from(len & 0xffff)
+    }
+}
+
+/// Where the headers of a parsed frame are.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    /// Start of the IP header.
+    l3: usize,
+    /// Start of the L4 header (end of the IP header).
+    l4: usize,
+    /// End of the L4 header: start of the payload.
+    payload: usize,
+    ipv6: bool,
+}
+
+fn be16(b: &[u8], r: std::ops::Range<usize>) -> u16 {
+    u16::from_be_bytes([b[r.start], b[r.start + 1]])
+}
+
+fn put16(b: &mut [u8], r: std::ops::Range<usize>, v: u16) {
+    b[r].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Parse Ethernet (+ one VLAN tag) and IP; check that the L4 protocol is `proto` and that its
+/// header fits. `frame` is the whole frame.
+fn parse(frame: &[u8], proto: u8) -> Result<Layout> {
+    use field::{eth, ipv4, ipv6, tcp};
+    let len = frame.len();
+    if len < ETH_HEADER_LEN {
+        return Err(Error::Truncated);
+    }
+    let mut ethertype = be16(frame, eth::ETHERTYPE);
+    let mut l3 = ETH_HEADER_LEN;
+    if ethertype == ETHERTYPE_VLAN {
+        if len < ETH_VLAN_HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        ethertype = be16(frame, eth::INNER_ETHERTYPE);
+        l3 = ETH_VLAN_HEADER_LEN;
+    }
+    let ip = &frame[l3..];
+    let (l4, ipv6, l4_proto) = match ethertype {
+        ETHERTYPE_IPV4 => {
+            if ip.len() < IPV4_MIN_HEADER_LEN {
+                return Err(Error::Truncated);
+            }
+            if ip[ipv4::VER_IHL] >> 4 != 4 {
+                return Err(Error::BadIpHeader);
+            }
+            let ihl = usize::from(ip[ipv4::VER_IHL] & 0x0f) * 4;
+            if ihl < IPV4_MIN_HEADER_LEN {
+                return Err(Error::BadIpHeader);
+            }
+            if ip.len() < ihl {
+                return Err(Error::Truncated);
+            }
+            if ip.len() > 0xffff {
+                return Err(Error::TooLong);
+            }
+            let frag = be16(ip, ipv4::FLG_OFF);
+            if frag & (ipv4::FLAG_MF | ipv4::OFFSET_MASK) != 0 {
+                return Err(Error::Fragment);
+            }
+            (l3 + ihl, false, ip[ipv4::PROTOCOL])
+        }
+        ETHERTYPE_IPV6 => {
+            if ip.len() < IPV6_HEADER_LEN {
+                return Err(Error::Truncated);
+            }
+            if ip[ipv6::VER_TC_FLOW] >> 4 != 6 {
+                return Err(Error::BadIpHeader);
+            }
+            if ip.len() - IPV6_HEADER_LEN > 0xffff {
+                return Err(Error::TooLong);
+            }
+            (l3 + IPV6_HEADER_LEN, true, ip[ipv6::NXT_HDR])
+        }
+        other => return Err(Error::UnsupportedEthertype(other)),
+    };
+    if l4_proto != proto {
+        return Err(Error::WrongProtocol(l4_proto));
+    }
+    let l4_hdr = &frame[l4..];
+    let l4_len = if proto == IP_PROTO_TCP {
+        if l4_hdr.len() < TCP_MIN_HEADER_LEN {
+            return Err(Error::Truncated);
+        }
+        let doff = usize::from(l4_hdr[tcp::DATA_OFF] >> 4) * 4;
+        if doff < TCP_MIN_HEADER_LEN {
+            return Err(Error::BadTcpHeader);
+        }
+        doff
+    } else {
+        UDP_HEADER_LEN
+    };
+    if l4_hdr.len() < l4_len {
+        return Err(Error::Truncated);
+    }
+    Ok(Layout {
+        l3,
+        l4,
+        payload: l4 + l4_len,
+        ipv6,
+    })
+}
+
+/// What to do with a frame, decided from its metadata before the frame is touched.
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    /// Nothing to compute (a stray ECN bit without GSO): emit with a cleaned header.
+    Clean,
+    /// Complete the checksum over `[start, end)` and store it at `at`.
+    Checksum { start: usize, at: usize },
+    /// Segment TCP into `mss`-byte payloads.
+    Tso { mss: usize, ipv6: bool },
+    /// Fragment one IPv4/UDP datagram into `frag`-byte IP payloads.
+    Ufo { frag: usize },
+}
+
+impl Job {
+    fn new(len: usize, hdr: &NetHdr) -> Result<Job> {
+        if len > MAX_FRAME_LEN {
+            return Err(Error::TooLong);
+        }
+        if usize::from(hdr.hdr_len) > len {
+            return Err(Error::HdrLenBeyondFrame);
+        }
+        match hdr.gso_kind() {
+            GSO_NONE if hdr.needs_csum() => {
+                let start = usize::from(hdr.csum_start);
+                let at = start + usize::from(hdr.csum_offset);
+                if at + 2 > len {
+                    return Err(Error::BadChecksumOffsets);
+                }
+                Ok(Job::Checksum { start, at })
+            }
+            GSO_NONE => Ok(Job::Clean),
+            kind @ (GSO_TCPV4 | GSO_TCPV6) => {
+                if hdr.gso_size == 0 {
+                    return Err(Error::BadGsoSize);
+                }
+                Ok(Job::Tso {
+                    mss: usize::from(hdr.gso_size),
+                    ipv6: kind == GSO_TCPV6,
+                })
+            }
+            GSO_UDP => {
+                // Fragment offsets count 8-byte units.
+                let frag = usize::from(hdr.gso_size) & !7;
+                if frag == 0 {
+                    return Err(Error::BadGsoSize);
+                }
+                Ok(Job::Ufo { frag })
+            }
+            other => Err(Error::UnknownGsoType(other)),
+        }
+    }
+}
+
+/// The header of every frame the segmenter computed.
+const OUT_HDR: NetHdr = NetHdr {
+    flags: FLAG_DATA_VALID,
+    ..NetHdr::NONE
+};
+
+/// Where [`Segmenter::adapt`] sends its frames.
+type Emit<'e> = dyn FnMut(&dyn Frame, &NetHdr) -> std::result::Result<(), DropReason> + 'e;
+
+/// Software checksum and segmentation for one worker; reuse it for every frame.
+///
+/// Owns a scratch copy of the frame being adapted (grown once, up to [`MAX_FRAME_LEN`]);
+/// segment headers are rewritten in a small stack buffer.
+#[derive(Debug, Default)]
+pub struct Segmenter {
+    buf: Vec<u8>,
+    last_error: Option<Error>,
+}
+
+impl Segmenter {
+    /// A segmenter with an empty scratch buffer (it grows on first use).
+    pub fn new() -> Self {
+        Segmenter {
+            buf: Vec::new(),
+            last_error: None,
+        }
+    }
+
+    /// Why the last [`Segmenter::adapt`] that rejected a frame rejected it (for logs).
+    pub fn last_error(&self) -> Option<Error> {
+        self.last_error
+    }
+
+    /// Make `frame` + `hdr` acceptable to `caps`, calling `emit` once per resulting frame.
+    ///
+    /// - If `caps.accepts(hdr)`, the frame is emitted unchanged with its header.
+    /// - A partial checksum (`NEEDS_CSUM`) is completed: the Internet checksum over
+    ///   `[csum_start, end)` is folded into the 16-bit field at `csum_start + csum_offset`.
+    /// - A TCPv4/TCPv6 GSO frame is cut into `gso_size`-byte payloads with replicated headers:
+    ///   IPv4 total length, identification (+1 per segment) and header checksum, IPv6 payload
+    ///   length, TCP sequence number (FIN/PSH on the last segment only, CWR on the first only)
+    ///   and TCP checksum (with the pseudo-header) are rewritten. `csum_start`/`csum_offset`
+    ///   are not needed (the headers are parsed) and not checked.
+    /// - A UDP GSO (UFO) frame over IPv4 becomes IPv4 fragments of one datagram whose UDP
+    ///   length and checksum are computed; each fragment carries at most `gso_size` (rounded
+    ///   down to a multiple of 8) bytes of IP payload, all with the frame's identification.
+    ///
+    /// Emitted headers are `NetHdr { flags: FLAG_DATA_VALID, ..NetHdr::NONE }`. Returns how many
+    /// frames were emitted. Malformed frames fail with [`DropReason::SoftwareOffload`] before
+    /// anything is emitted (see [`Segmenter::last_error`]); an error from `emit` stops the work
+    /// and is returned.
+    pub fn adapt(
+        &mut self,
+        frame: &dyn Frame,
+        hdr: &NetHdr,
+        caps: crate::OffloadCaps,
+        emit: &mut Emit<'_>,
+    ) -> std::result::Result<usize, DropReason> {
+        if caps.accepts(hdr) {
+            emit(frame, hdr)?;
+            return Ok(1);
+        }
+        let len = frame.len();
+        let job = Job::new(len, hdr).map_err(|e| self.fail(e))?;
+        if let Job::Clean = job {
+            let clean = NetHdr {
+                flags: hdr.flags & FLAG_DATA_VALID,
+                ..NetHdr::NONE
+            };
+            emit(frame, &clean)?;
+            return Ok(1);
+        }
+        self.load(frame, len).map_err(|e| self.fail(e))?;
+        match job {
+            Job::Clean => Ok(0),
+            Job::Checksum { start, at } => {
+                let b = &mut self.buf[..len];
+                let c = complete(checksum::accumulate(0, &b[start..]));
+                put16(b, at..at + 2, c);
+                emit(&SliceFrame(b), &OUT_HDR)?;
+                Ok(1)
+            }
+            Job::Tso { mss, ipv6 } => {
+                let layout = self.tso_layout(len, ipv6).map_err(|e| self.fail(e))?;
+                self.tso(len, layout, mss, emit)
+            }
+            Job::Ufo { frag } => {
+                let layout = self.ufo_layout(len).map_err(|e| self.fail(e))?;
+                self.ufo(len, layout, frag, emit)
+            }
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> DropReason {
+        self.last_error = Some(e);
+        e.into()
+    }
+
+    /// Copy the frame into the scratch buffer (grows it only for a larger frame than ever).
+    fn load(&mut self, frame: &dyn Frame, len: usize) -> Result<()> {
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        if frame.read_at(0, &mut self.buf[..len]) != len {
+            return Err(Error::ShortRead);
+        }
+        Ok(())
+    }
+
+    fn tso_layout(&self, len: usize, ipv6: bool) -> Result<Layout> {
+        let layout = parse(&self.buf[..len], IP_PROTO_TCP)?;
+        if layout.ipv6 != ipv6 {
+            return Err(Error::BadIpHeader);
+        }
+        if layout.payload > MAX_HEADERS_LEN {
+            return Err(Error::TooLong);
+        }
+        Ok(layout)
+    }
+
+    fn ufo_layout(&self, len: usize) -> Result<Layout> {
+        let layout = parse(&self.buf[..len], IP_PROTO_UDP)?;
+        if layout.ipv6 {
+            return Err(Error::UfoIpv6);
+        }
+        Ok(layout)
+    }
+
+    /// Emit the TCP segments of the frame in the scratch buffer.
+    fn tso(
+        &self,
+        len: usize,
+        layout: Layout,
+        mss: usize,
+        emit: &mut Emit<'_>,
+    ) -> std::result::Result<usize, DropReason> {
+        use field::{ipv4, ipv6, tcp};
+        let frame = &self.buf[..len];
+        let Layout {
+            l3, l4, payload, ..
+        } = layout;
+        let ihl = l4 - l3;
+        let tcp_hl = payload - l4;
+        let data = &frame[payload..];
+        let nseg = data.len().div_ceil(mss).max(1);
+
+        let mut h = [0u8; MAX_HEADERS_LEN];
+        h[..payload].copy_from_slice(&frame[..payload]);
+        let seq0 = u32::from_be_bytes(array4(&frame[l4 + tcp::SEQ_NUM.start..]));
+        let flags0 = frame[l4 + tcp::FLAGS];
+        let id0 = be16(&frame[l3..], ipv4::IDENT);
+
+        for i in 0..nseg {
+            let start = i * mss;
+            let chunk = &data[start..data.len().min(start + mss)];
+            // <= 65535: parse checked that the frame's IP payload fits the length fields.
+            let seg_l4_len = tcp_hl + chunk.len();
+            let (ip, th) = h[l3..payload].split_at_mut(ihl);
+            let pseudo = if layout.ipv6 {
+                put16(ip, ipv6::PAYLOAD_LEN, seg_l4_len as u16);
+                checksum::pseudo_header_v6(
+                    &ip[ipv6::SRC_ADDR],
+                    &ip[ipv6::DST_ADDR],
+                    IP_PROTO_TCP,
+                    seg_l4_len as u32,
+                )
+            } else {
+                put16(ip, ipv4::TOTAL_LEN, (ihl + seg_l4_len) as u16);
+                put16(ip, ipv4::IDENT, id0.wrapping_add(i as u16));
+                put16(ip, ipv4::CHECKSUM, 0);
+                let c = checksum::checksum(ip);
+                put16(ip, ipv4::CHECKSUM, c);
+                checksum::pseudo_header_v4(
+                    &ip[ipv4::SRC_ADDR],
+                    &ip[ipv4::DST_ADDR],
+                    IP_PROTO_TCP,
+                    seg_l4_len as u32,
+                )
+            };
+            let seq = seq0.wrapping_add((start & 0xffff_ffff) as u32);
+            th[tcp::SEQ_NUM].copy_from_slice(&seq.to_be_bytes());
+            let mut f = flags0;
+            if i + 1 != nseg {
+                f &= !(tcp::FLG_FIN | tcp::FLG_PSH);
+            }
+            if i != 0 {
+                f &= !tcp::FLG_CWR;
+            }
+            th[tcp::FLAGS] = f;
+            put16(th, tcp::CHECKSUM, 0);
+            // The TCP header has an even length, so the payload sum can follow it.
+            let sum = checksum::accumulate(checksum::accumulate(pseudo, th), chunk);
+            put16(th, tcp::CHECKSUM, !checksum::fold(sum));
+
+            let parts: [&[u8]; 2] = [&h[..payload], chunk];
+            emit(&SlicesFrame(&parts), &OUT_HDR)?;
+        }
+        Ok(nseg)
+    }
+
+    /// Checksum the UDP datagram in the scratch buffer and emit it as IPv4 fragments.
+    fn ufo(
+        &mut self,
+        len: usize,
+        layout: Layout,
+        frag: usize,
+        emit: &mut Emit<'_>,
+    ) -> std::result::Result<usize, DropReason> {
+        use field::{ipv4, udp};
+        let Layout { l3, l4, .. } = layout;
+        let ihl = l4 - l3;
+        {
+            let b = &mut self.buf[..len];
+            // <= 65535 - ihl: parse checked the IPv4 payload against the total length field.
+            let udp_len = len - l4;
+            let (ip, dgram) = b[l3..].split_at_mut(ihl);
+            put16(dgram, udp::LENGTH, udp_len as u16);
+            put16(dgram, udp::CHECKSUM, 0);
+            let pseudo = checksum::pseudo_header_v4(
+                &ip[ipv4::SRC_ADDR],
+                &ip[ipv4::DST_ADDR],
+                IP_PROTO_UDP,
+                udp_len as u32,
+            );
+            let c = complete(checksum::accumulate(pseudo, dgram));
+            put16(dgram, udp::CHECKSUM, c);
+        }
+        let frame = &self.buf[..len];
+        let data = &frame[l4..];
+        let n = data.len().div_ceil(frag);
+        let mut h = [0u8; MAX_HEADERS_LEN];
+        h[..l4].copy_from_slice(&frame[..l4]);
+        for (i, piece) in data.chunks(frag).enumerate() {
+            let ip = &mut h[l3..l4];
+            put16(ip, ipv4::TOTAL_LEN, (ihl + piece.len()) as u16);
+            // i * frag < 65536, so the offset in 8-byte units fits the 13-bit field.
+            let offset = ((i * frag) >> 3) as u16 & ipv4::OFFSET_MASK;
+            let mf = if i + 1 < n { ipv4::FLAG_MF } else { 0 };
+            put16(ip, ipv4::FLG_OFF, offset | mf);
+            put16(ip, ipv4::CHECKSUM, 0);
+            let c = checksum::checksum(ip);
+            put16(ip, ipv4::CHECKSUM, c);
+            let parts: [&[u8]; 2] = [&h[..l4], piece];
+            emit(&SlicesFrame(&parts), &OUT_HDR)?;
+        }
+        Ok(n)
+    }
+}
+
+/// The checksum to store for a running sum that includes the checksum field as the sender left
+/// it; a result of 0 is sent as 0xffff (the same value in ones' complement, and what UDP needs
+/// since 0 there means "no checksum").
+fn complete(sum: u64) -> u16 {
+    match !checksum::fold(sum) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+fn array4(b: &[u8]) -> [u8; 4] {
+    [b[0], b[1], b[2], b[3]]
+}

@@ -99,13 +99,13 @@ pub struct TxBatch {
 }
 
 impl TxBatch {
-    fn touch(&mut self, id: PortId) {
+    fn touch(touched: &mut Vec<u64>, id: PortId) {
         let i = id.0 as usize;
         let w = i / 64;
-        if w >= self.touched.len() {
-            self.touched.resize(w + 1, 0);
+        if w >= touched.len() {
+            touched.resize(w + 1, 0);
         }
-        self.touched[w] |= 1 << (i % 64);
+        touched[w] |= 1 << (i % 64);
     }
 
     /// Override the batch clock (seconds since the switch started); for tests of ageing.
@@ -249,7 +249,13 @@ impl Switch {
     /// Switch one frame that arrived on `ingress`. Delivery happens before this returns;
     /// notifications wait for [`Switch::end`].
     pub fn forward(&self, batch: &mut TxBatch, ingress: PortId, frame: &dyn Frame, hdr: &NetHdr) {
-        let table = batch.table.clone();
+        let TxBatch {
+            table,
+            now,
+            touched,
+            ..
+        } = batch;
+        let now = *now;
         let Some(Some(src)) = table.ports.get(ingress.0 as usize) else {
             return;
         };
@@ -273,7 +279,6 @@ impl Switch {
             return;
         }
         let vlan = src.vlan;
-        let now = batch.now;
         if self.fdb.learn(vlan, src_mac, ingress, now) == Learn::Limited {
             // Not fatal: the frame still goes out, it just cannot be answered by unicast.
         }
@@ -287,7 +292,7 @@ impl Switch {
                 }
                 if let Some(Some(d)) = table.ports.get(dst.0 as usize) {
                     if d.vlan == vlan {
-                        Self::deliver_to(batch, d, frame, hdr);
+                        Self::deliver_to(touched, d, frame, hdr);
                         return;
                     }
                 }
@@ -296,16 +301,16 @@ impl Switch {
         src.stats.count_flood();
         for d in table.ports.iter().flatten() {
             if d.id != ingress && d.vlan == vlan {
-                Self::deliver_to(batch, d, frame, hdr);
+                Self::deliver_to(touched, d, frame, hdr);
             }
         }
     }
 
-    fn deliver_to(batch: &mut TxBatch, d: &PortEntry, frame: &dyn Frame, hdr: &NetHdr) {
+    fn deliver_to(touched: &mut Vec<u64>, d: &PortEntry, frame: &dyn Frame, hdr: &NetHdr) {
         match d.sink.deliver(frame, hdr) {
             Ok(()) => {
                 d.stats.count_tx(frame.len());
-                batch.touch(d.id);
+                TxBatch::touch(touched, d.id);
             }
             Err(reason) => d.stats.count_drop(reason),
         }
@@ -320,10 +325,9 @@ impl Switch {
         frame: &dyn Frame,
         hdr: &NetHdr,
     ) -> bool {
-        let table = batch.table.clone();
-        match table.ports.get(dst.0 as usize) {
+        match batch.table.ports.get(dst.0 as usize) {
             Some(Some(d)) => {
-                Self::deliver_to(batch, d, frame, hdr);
+                Self::deliver_to(&mut batch.touched, d, frame, hdr);
                 true
             }
             _ => false,

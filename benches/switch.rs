@@ -1,0 +1,75 @@
+#![allow(missing_docs)]
+//! Criterion benchmarks of the switch core: one frame forwarded per iteration through
+//! `Switch::forward` into a sink that copies it (the cost a real destination pays), for known
+//! unicast (the steady state) and broadcast (flooding to every other port).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use virtnet::switch::{
+    DropReason, Frame, NetHdr, PortConfig, PortSink, SliceFrame, Switch, SwitchConfig,
+};
+
+/// A destination that copies every frame into its own preallocated buffer.
+struct CopySink {
+    buf: Mutex<Vec<u8>>,
+}
+
+impl PortSink for CopySink {
+    fn deliver(&self, frame: &dyn Frame, _hdr: &NetHdr) -> Result<(), DropReason> {
+        let mut b = self.buf.lock().unwrap();
+        let n = frame.len().min(b.len());
+        frame.read_at(0, &mut b[..n]);
+        Ok(())
+    }
+}
+
+fn frame(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f
+}
+
+fn bench_forward(c: &mut Criterion) {
+    let mut g = c.benchmark_group("switch_forward");
+    for &len in &[64usize, 512, 1500] {
+        for (label, nports, dst) in [
+            ("unicast", 2usize, [0x52, 0x54, 0, 0, 0, 2]),
+            ("broadcast_4ports", 4, [0xff; 6]),
+        ] {
+            let sw = Switch::new(SwitchConfig::default());
+            let ids: Vec<_> = (0..nports)
+                .map(|_| {
+                    sw.add_port(
+                        PortConfig::default(),
+                        Arc::new(CopySink {
+                            buf: Mutex::new(vec![0u8; 65536]),
+                        }),
+                    )
+                })
+                .collect();
+            let mut batch = sw.new_batch();
+            // Teach the switch where the destination lives.
+            sw.begin(&mut batch);
+            let learn = frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 2], 64);
+            sw.forward(&mut batch, ids[1], &SliceFrame(&learn), &NetHdr::NONE);
+            sw.end(&mut batch);
+            let f = frame(dst, [0x52, 0x54, 0, 0, 0, 1], len);
+            g.throughput(Throughput::Elements(1));
+            g.bench_with_input(BenchmarkId::new(label, len), &f, |b, f| {
+                b.iter(|| {
+                    sw.begin(&mut batch);
+                    sw.forward(&mut batch, ids[0], &SliceFrame(f), &NetHdr::NONE);
+                    sw.end(&mut batch);
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_forward);
+criterion_main!(benches);
