@@ -26,12 +26,12 @@ impl Hasher for MacHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 = (self.0 << 8 | self.0 >> 56) ^ u64::from(b);
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
     }
 
     fn write_u16(&mut self, v: u16) {
-        self.0 = (self.0 << 16 | self.0 >> 48) ^ u64::from(v);
+        self.0 = self.0.rotate_left(16) ^ u64::from(v);
     }
 }
 

@@ -1,0 +1,93 @@
+//! Ad-hoc frame-rate check: one guest sends 60-byte unicast frames to another through two
+//! `NetPort`s on one switch (guest TX ring → switch → other guest's RX ring, one copy).
+//!
+//! `cargo run --release -p virtnet-virtio --example pps -- [seconds] [frame_len]`
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtnet_guest::{Guest, GuestConfig, NetHdr};
+use virtnet_switch::{MacAddr, Switch, SwitchConfig};
+use virtnet_virtio::{NetConfig, NetPort};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let len: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let dir = std::env::temp_dir().join(format!("virtnet-pps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sw = Switch::new(SwitchConfig::default());
+    let mk = |n: u8| {
+        let cfg = NetConfig {
+            name: format!("vm{n}"),
+            mac: Some(MacAddr([0x52, 0x54, 0, 0, 0, n])),
+            ..Default::default()
+        };
+        NetPort::listen(sw.clone(), cfg, &dir.join(format!("vm{n}.sock"))).unwrap()
+    };
+    let (pa, pb) = (mk(1), mk(2));
+    let mut a = Guest::connect(pa.socket_path(), GuestConfig::default()).unwrap();
+    let mut b = Guest::connect(pb.socket_path(), GuestConfig::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut bc = vec![0u8; 60];
+    bc[..6].copy_from_slice(&[0xff; 6]);
+    bc[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
+    bc[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    b.send(0, &NetHdr::NONE, &bc).unwrap();
+    a.recv(0, Duration::from_secs(1)).unwrap().expect("learn");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let (s2, r2) = (stop.clone(), received.clone());
+    let rx = std::thread::spawn(move || {
+        while !s2.load(Ordering::Relaxed) {
+            let n = b.drain_with(0, 256, |_, _| {}).unwrap();
+            if n == 0 {
+                let _ = b
+                    .recv_with(0, Duration::from_millis(10), |_, _| ())
+                    .unwrap()
+                    .map(|_| r2.fetch_add(1, Ordering::Relaxed));
+            } else {
+                r2.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        b
+    });
+    let mut frame = vec![0u8; len];
+    frame[..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
+    frame[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+    frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        let n = a
+            .send_batch(0, 64, |_, buf| {
+                buf[..len].copy_from_slice(&frame);
+                Some((NetHdr::NONE, len))
+            })
+            .unwrap();
+        if n == 0 {
+            std::thread::yield_now();
+        }
+        sent += n as u64;
+    }
+    let el = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let b = rx.join().unwrap();
+    let got = received.load(Ordering::Relaxed);
+    let st = pb.stats();
+    println!(
+        "len {len}: sent {:.2} Mpps, received {:.2} Mpps ({:.2} Gbit/s), rx drops {:?}",
+        sent as f64 / el / 1e6,
+        got as f64 / el / 1e6,
+        got as f64 * len as f64 * 8.0 / el / 1e9,
+        st.total_drops()
+    );
+    drop(a);
+    drop(b);
+    pa.shutdown();
+    pb.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,377 @@
+//! vhost-user glue: [`VhostUserNetBackend`] implements `VhostUserBackend` for one VMM
+//! connection of a [`NetDevice`].
+//!
+//! Threads and queues (`queues_per_thread`): worker `i` serves queue pair `i`
+//! (RX `2i`, TX `2i + 1`, mask `0b11 << 2i`); the control queue (last, `2 * pairs`) is served
+//! by worker 0. Inside a worker, event ids are the queue's position in that worker's mask:
+//!
+//! | worker | event 0 (`RX_QUEUE_EVENT`) | event 1 (`TX_QUEUE_EVENT`) | event 2 (`CTRL_QUEUE_EVENT`) |
+//! |---|---|---|---|
+//! | 0 | RX 0 | TX 0 | control |
+//! | i | RX i | TX i | — |
+//!
+//! vhost-user-backend calls `handle_event` for a queue when it becomes ready and enabled, and on
+//! every kick. The RX queue's vring is handed to the device's [`crate::rx::RxSink`] then, so
+//! other ports can deliver into it; `stop_vring` (GET_VRING_BASE) and `reset_device` take it
+//! back before the frontend sees the answer.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::QueueT;
+use virtnet_switch::TxBatch;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::ctrl::process_ctrl_queue;
+use crate::port::NetDevice;
+use crate::rx::{Gm, Vring};
+use crate::tx::{process_tx_queue, TxParams, TxScratch};
+
+/// Event id of a worker's RX queue.
+pub const RX_QUEUE_EVENT: u16 = 0;
+/// Event id of a worker's TX queue.
+pub const TX_QUEUE_EVENT: u16 = 1;
+/// Event id of the control queue (worker 0 only).
+pub const CTRL_QUEUE_EVENT: u16 = 2;
+
+/// Errors of the vhost-user glue.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An event arrived with an unexpected event set.
+    #[error("Unexpected epoll event set {0:#x}")]
+    HandleEventNotEpollIn(u32),
+    /// An event id that no queue of this worker has.
+    #[error("Unknown device event {0}")]
+    UnknownEvent(u16),
+    /// Creating an exit eventfd failed.
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] io::Error),
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        io::Error::other(e)
+    }
+}
+
+/// Per-worker TX state, reused for every batch.
+struct TxWorker {
+    batch: TxBatch,
+    scratch: TxScratch,
+    params: TxParams,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The vhost-user backend of one connection of a [`NetDevice`].
+///
+/// Create one per VMM connection and hand it (in an `Arc`) to a `VhostUserDaemon` built on the
+/// same `GuestMemoryAtomic`; [`crate::NetPort`] does exactly that in a loop.
+pub struct VhostUserNetBackend {
+    dev: Arc<NetDevice>,
+    mem: RwLock<Gm>,
+    threads: Vec<Mutex<TxWorker>>,
+    event_idx: AtomicBool,
+}
+
+impl VhostUserNetBackend {
+    /// A backend for `dev`, reading guest memory through `mem` (the daemon's atomic).
+    pub fn new(dev: Arc<NetDevice>, mem: Gm) -> Self {
+        let pairs = dev.config().queue_pairs;
+        let params = TxParams::new(&dev.negotiated(), dev.config().mtu);
+        let threads = (0..pairs)
+            .map(|_| {
+                Mutex::new(TxWorker {
+                    batch: dev.switch().new_batch(),
+                    scratch: TxScratch::new(),
+                    params,
+                })
+            })
+            .collect();
+        VhostUserNetBackend {
+            dev,
+            mem: RwLock::new(mem),
+            threads,
+            event_idx: AtomicBool::new(false),
+        }
+    }
+
+    /// The device this backend serves.
+    pub fn device(&self) -> &Arc<NetDevice> {
+        &self.dev
+    }
+
+    fn memory(&self) -> Gm {
+        self.mem.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn process_tx(&self, thread: usize, vring: &Vring) {
+        let Some(w) = self.threads.get(thread) else {
+            return;
+        };
+        let mut w = lock(w);
+        let w = &mut *w;
+        let gm = self.memory();
+        let mem = gm.memory();
+        let name = &self.dev.config().name;
+        let mut st = vring.get_mut();
+        let event_idx = st.get_queue().event_idx_enabled();
+        loop {
+            if event_idx {
+                let _ = st.get_queue_mut().disable_notification(&*mem);
+            }
+            match process_tx_queue(
+                &mem,
+                st.get_queue_mut(),
+                self.dev.switch(),
+                &mut w.batch,
+                self.dev.port_id(),
+                &w.params,
+                &mut w.scratch,
+                name,
+            ) {
+                Ok(o) => {
+                    if o.notify {
+                        let _ = st.signal_used_queue();
+                    }
+                    if o.more {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    if crate::desc::log_allowed() {
+                        log::error!("{name}: tx queue {thread}: {e}");
+                    }
+                    return;
+                }
+            }
+            if !event_idx {
+                return;
+            }
+            // Re-arm (EVENT_IDX: avail_event = next_avail) and look again: a chain made
+            // available meanwhile would otherwise never be kicked. Every round consumes at
+            // least one chain, so this ends when the guest stops sending.
+            match st.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    fn process_ctrl(&self, vring: &Vring) {
+        let gm = self.memory();
+        let mem = gm.memory();
+        let name = &self.dev.config().name;
+        let mut st = vring.get_mut();
+        let mut ctrl = self.dev.ctrl_state();
+        // Commands are rare: re-arm notifications (EVENT_IDX: avail_event) after each pass.
+        loop {
+            match process_ctrl_queue(&mem, st.get_queue_mut(), &mut ctrl, name) {
+                Ok(o) => {
+                    self.dev.apply_ctrl(&ctrl);
+                    if o.notify {
+                        let _ = st.signal_used_queue();
+                    }
+                }
+                Err(e) => {
+                    if crate::desc::log_allowed() {
+                        log::error!("{name}: control queue: {e}");
+                    }
+                    return;
+                }
+            }
+            match st.get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    fn attach_rx(&self, thread: usize, vring: &Vring) {
+        self.dev.rx().attach(thread, vring, &self.memory());
+    }
+}
+
+impl VhostUserBackend for VhostUserNetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.dev.config().queue_pairs) * 2 + 1
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.config().queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.dev.offered_features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dev.set_acked_features(features);
+        let params = TxParams::new(&self.dev.negotiated(), self.dev.config().mtu);
+        for w in &self.threads {
+            lock(w).params = params;
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn reset_device(&self) {
+        self.dev.reset();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.dev.config_space().read(offset, size)
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let pairs = u32::from(self.dev.config().queue_pairs);
+        (0..pairs)
+            .map(|i| {
+                let mut m = 0b11u64 << (2 * i);
+                if i == 0 {
+                    m |= 1u64 << (2 * pairs); // control queue
+                }
+                m
+            })
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::error!("{}: {}", self.dev.config().name, Error::EventFd(e));
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let pairs = u32::from(self.dev.config().queue_pairs);
+        if queue_index < 2 * pairs && queue_index % 2 == 0 {
+            self.dev.rx().detach((queue_index / 2) as usize);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            // Never fail: an error would end this worker thread.
+            log::warn!(
+                "{}: {}",
+                self.dev.config().name,
+                Error::HandleEventNotEpollIn(evset.bits())
+            );
+            return Ok(());
+        }
+        match device_event {
+            RX_QUEUE_EVENT => {
+                if let Some(v) = vrings.first() {
+                    self.attach_rx(thread_id, v);
+                }
+            }
+            TX_QUEUE_EVENT => {
+                if let Some(v) = vrings.first() {
+                    self.attach_rx(thread_id, v);
+                }
+                if let Some(v) = vrings.get(1) {
+                    self.process_tx(thread_id, v);
+                }
+            }
+            CTRL_QUEUE_EVENT if thread_id == 0 => {
+                if let Some(v) = vrings.get(2) {
+                    self.process_ctrl(v);
+                }
+            }
+            other => log::warn!("{}: {}", self.dev.config().name, Error::UnknownEvent(other)),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::port::NetConfig;
+    use virtnet_switch::{Switch, SwitchConfig};
+
+    fn backend(pairs: u16) -> VhostUserNetBackend {
+        let sw = Switch::new(SwitchConfig::default());
+        let cfg = NetConfig {
+            queue_pairs: pairs,
+            mac: Some("52:54:00:00:00:01".parse().unwrap()),
+            ..Default::default()
+        };
+        let dev = NetDevice::new(sw, cfg).unwrap();
+        VhostUserNetBackend::new(dev, GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+    }
+
+    #[test]
+    fn queue_layout_and_masks() {
+        let b = backend(3);
+        assert_eq!(b.num_queues(), 7);
+        assert_eq!(b.queues_per_thread(), vec![0b100_0011, 0b1100, 0b11_0000]);
+        let b = backend(1);
+        assert_eq!(b.queues_per_thread(), vec![0b111]);
+        assert_eq!(b.max_queue_size(), 256);
+    }
+
+    #[test]
+    fn features_and_config() {
+        let b = backend(2);
+        let f = b.features();
+        use crate::virtio_net::features as F;
+        assert_ne!(f & F::MQ, 0);
+        assert_ne!(f & F::MAC, 0);
+        assert_eq!(f & F::GUEST_UFO, 0);
+        let c = b.get_config(0, 12);
+        assert_eq!(&c[..6], &[0x52, 0x54, 0, 0, 0, 1]);
+        assert_eq!(&c[6..8], &[1, 0]);
+        assert_eq!(&c[8..10], &[2, 0]);
+        assert_eq!(&c[10..12], &1500u16.to_le_bytes());
+        b.acked_features(f & !F::MRG_RXBUF);
+        assert_eq!(b.device().status().acked_features, f & !F::MRG_RXBUF);
+        assert!(b.device().status().driver_ok);
+        b.reset_device();
+        assert!(!b.device().status().driver_ok);
+    }
+
+    #[test]
+    fn bad_events_do_not_fail_the_worker() {
+        let b = backend(1);
+        assert!(b.handle_event(9, EventSet::IN, &[], 0).is_ok());
+        assert!(b.handle_event(0, EventSet::HANG_UP, &[], 0).is_ok());
+        assert!(b.handle_event(RX_QUEUE_EVENT, EventSet::IN, &[], 0).is_ok());
+    }
+}
