@@ -233,3 +233,19 @@ pub fn expect_frame(g: &mut Guest, qp: u16, timeout: Duration) -> Received {
 pub const F_GUEST_TSO: u64 = vn::F_GUEST_TSO4 | vn::F_GUEST_TSO6 | vn::F_GUEST_ECN;
 pub const SHORT: Duration = Duration::from_millis(200);
 pub const LONG: Duration = Duration::from_secs(3);
+
+/// Poll `cond` until it holds or `timeout` passes; returns whether it held. Counters are
+/// updated by device threads right after they publish used entries, so a test that saw the
+/// used entry may still have to wait a moment for the counter.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
