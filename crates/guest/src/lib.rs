@@ -64,3 +64,15 @@ pub use mem::GuestMem;
 pub use ring::{RawDesc, UsedElem};
 pub use virtio_net::{NetConfigSpace, DEFAULT_FEATURES};
 pub use virtnet_switch::NetHdr;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_can_move_to_another_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Guest>();
+        assert_send::<Received>();
+    }
+}

@@ -20,6 +20,9 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use virtnet_guest::virtio_net::*;
 use virtnet_guest::{Error, Guest, GuestConfig, NetHdr};
@@ -82,7 +85,8 @@ impl LoopNet {
                     self.deliver(&vrings[tx - 1], &h, &frame, hlen, mrg);
                 }
             }
-            if !self.event_idx || !vrings[tx].enable_notification().unwrap() {
+            // The disable → drain → enable loop (re-enabling also clears NO_NOTIFY).
+            if !vrings[tx].enable_notification().unwrap() {
                 break;
             }
         }
@@ -133,11 +137,20 @@ impl LoopNet {
 
     fn process_ctrl(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
         let mem = self.mem.memory();
-        while let Some(chain) = vring
-            .get_mut()
-            .get_queue_mut()
-            .pop_descriptor_chain(mem.clone())
-        {
+        vring.disable_notification().unwrap();
+        loop {
+            // Bind first: the queue guard must be gone before add_used() locks again.
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else {
+                if vring.enable_notification().unwrap() {
+                    vring.disable_notification().unwrap();
+                    continue;
+                }
+                break;
+            };
             let head = chain.head_index();
             let mut r = chain.clone().reader(&mem).unwrap();
             let mut w = chain.writer(&mem).unwrap();
@@ -215,6 +228,11 @@ impl VhostUserBackendMut for LoopNet {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         vec![(1 << (2 * PAIRS + 1)) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Lets the daemon stop its worker thread when the guest disconnects.
+        new_event_consumer_and_notifier(EventFlag::empty()).ok()
     }
 
     fn handle_event(
@@ -541,4 +559,22 @@ fn invalid_configs_are_rejected_before_connecting() {
             Err(Error::InvalidConfig(_))
         ));
     }
+}
+
+#[test]
+fn silent_backend_fails_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mute.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let t = std::time::Instant::now();
+    let r = Guest::connect(
+        &path,
+        GuestConfig {
+            io_timeout: Duration::from_millis(100),
+            ..GuestConfig::default()
+        },
+    );
+    assert!(matches!(r, Err(Error::Vhost { .. })), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    drop(listener);
 }

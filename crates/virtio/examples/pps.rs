@@ -58,13 +58,33 @@ fn main() {
     frame[..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
     frame[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
     frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    // Longer than an MTU: a TCPv4 TSO frame (the receiver acked GUEST_TSO4: passthrough).
+    let mut hdr = NetHdr::NONE;
+    if len > 1514 {
+        frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        frame[14] = 0x45;
+        frame[16..18].copy_from_slice(&((len - 14).min(0xffff) as u16).to_be_bytes());
+        frame[22] = 64;
+        frame[23] = 6;
+        frame[26..30].copy_from_slice(&[10, 0, 0, 1]);
+        frame[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        frame[46] = 0x50;
+        hdr = NetHdr {
+            flags: 1,
+            gso_type: 1,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+    }
     let start = Instant::now();
     let mut sent = 0u64;
     while start.elapsed() < Duration::from_secs(secs) {
         let n = a
             .send_batch(0, 64, |_, buf| {
                 buf[..len].copy_from_slice(&frame);
-                Some((NetHdr::NONE, len))
+                Some((hdr, len))
             })
             .unwrap();
         if n == 0 {

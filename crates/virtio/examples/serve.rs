@@ -13,7 +13,7 @@ struct Stderr;
 
 impl log::Log for Stderr {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Trace
+        m.level() <= log::Level::Debug
     }
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
@@ -26,7 +26,7 @@ impl log::Log for Stderr {
 static LOGGER: Stderr = Stderr;
 
 fn main() {
-    let _ = log::set_logger(&LOGGER).map(|()| log::set_max_level(log::LevelFilter::Trace));
+    let _ = log::set_logger(&LOGGER).map(|()| log::set_max_level(log::LevelFilter::Debug));
     let mut args = std::env::args().skip(1);
     let dir = std::path::PathBuf::from(args.next().expect("usage: serve DIR [ports] [secs]"));
     let n: u8 = args.next().and_then(|s| s.parse().ok()).unwrap_or(2);

@@ -12,8 +12,8 @@
 //! ```
 
 use std::os::fd::AsRawFd;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -56,7 +56,9 @@ pub struct NetConfig {
     pub mac: Option<MacAddr>,
     /// Most queue pairs offered (1..=16); more than one offers `MQ`.
     pub queue_pairs: u16,
-    /// Largest queue size (a power of two, at most 1024).
+    /// Queue size (a power of two, at most 1024). vhost-user has no way to advertise a
+    /// maximum and QEMU's virtio-mmio always uses 1024, so the device accepts any size up to
+    /// 1024 whatever this says; it is validated and kept for configuration files.
     pub queue_size: u16,
     /// `VIRTIO_NET_F_MTU`: TX frames longer than `mtu + 18` without GSO are dropped.
     pub mtu: u16,
@@ -403,35 +405,59 @@ impl Drop for NetPort {
 /// How long the accept loop sleeps between looks at the stop flag.
 const POLL_MS: i32 = 200;
 
-/// The public socket and the private (abstract) one the backend side of the shim uses.
+/// The public socket and the private one the backend side of the shim uses.
 struct Listeners {
     public: UnixListener,
     internal: Listener,
-    internal_addr: SocketAddr,
+    internal_path: PathBuf,
+    private_dir: PathBuf,
 }
 
-/// Bind the public socket (replacing a stale file) and a private abstract one.
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.internal_path);
+        let _ = std::fs::remove_dir(&self.private_dir);
+    }
+}
+
+/// Bind the public socket (replacing a stale file) and a private one in a fresh 0700
+/// directory (only our user can reach it, as with the public socket).
 fn bind(socket: &Path) -> std::io::Result<Listeners> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let _ = std::fs::remove_file(socket);
-    let public = UnixListener::bind(socket)?;
-    let name = format!(
-        "virtnet-virtio/{}/{}",
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let private_dir = std::env::temp_dir().join(format!(
+        "virtnet-virtio-{}-{}-{nanos}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let internal_addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-    let internal = match UnixListener::bind_addr(&internal_addr) {
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private_dir)?;
+    let internal_path = private_dir.join("backend.sock");
+    let internal = match UnixListener::bind(&internal_path) {
         Ok(l) => Listener::from(l),
         Err(e) => {
-            let _ = std::fs::remove_file(socket);
+            let _ = std::fs::remove_dir(&private_dir);
+            return Err(e);
+        }
+    };
+    let _ = std::fs::remove_file(socket);
+    let public = match UnixListener::bind(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_file(&internal_path);
+            let _ = std::fs::remove_dir(&private_dir);
             return Err(e);
         }
     };
     Ok(Listeners {
         public,
         internal,
-        internal_addr,
+        internal_path,
+        private_dir,
     })
 }
 
@@ -489,7 +515,7 @@ fn serve_one(vmm: UnixStream, l: &mut Listeners, dev: &Arc<NetDevice>, ctl: &Con
         }
     };
     // The backend side of the shim: connect (queued in the backlog), then accept it.
-    let inner = match UnixStream::connect_addr(&l.internal_addr) {
+    let inner = match UnixStream::connect(&l.internal_path) {
         Ok(s) => s,
         Err(e) => {
             log::error!("{name}: cannot connect the internal socket: {e}");
@@ -515,8 +541,15 @@ fn serve_one(vmm: UnixStream, l: &mut Listeners, dev: &Arc<NetDevice>, ctl: &Con
     if ctl.stop.load(Ordering::SeqCst) {
         daemon.request_shutdown();
     }
-    if let Err(e) = daemon.wait() {
-        log::warn!("{name}: connection ended: {e}");
+    match daemon.wait() {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected
+            | vhost::vhost_user::Error::PartialMessage
+            | vhost::vhost_user::Error::SocketBroken(_),
+        )) => {}
+        Err(e) if ctl.stop.load(Ordering::SeqCst) => log::debug!("{name}: {e}"),
+        Err(e) => log::warn!("{name}: connection ended: {e}"),
     }
     *ctl.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
     for h in daemon.get_epoll_handlers() {

@@ -795,6 +795,71 @@ mod tests {
     }
 
     #[test]
+    fn header_split_over_tiny_descriptors() {
+        let mem = test_mem();
+        let mut d = Driver::new(&mem, 16);
+        d.chain(&[
+            (0x10_0000, 4, true),
+            (0x10_1000, 4, true),
+            (0x10_2000, 6, true),
+            (0x10_3000, 200, true),
+        ]);
+        let mut q = d.queue();
+        let mut e = engine(f::VERSION_1 | f::MRG_RXBUF);
+        let fr = eth(100, 1, 2);
+        e.deliver(&mem, &mut q, &SliceFrame(&fr), &NetHdr::NONE)
+            .unwrap();
+        e.publish(&mem, &mut q).unwrap();
+        assert_eq!(d.used(0), (0, 112));
+        let mut got = read(&mem, 0x10_0000, 4);
+        got.extend(read(&mem, 0x10_1000, 4));
+        got.extend(read(&mem, 0x10_2000, 6));
+        got.extend(read(&mem, 0x10_3000, 98));
+        assert_eq!(&got[10..12], &[1, 0]);
+        assert_eq!(&got[12..], &fr[..]);
+    }
+
+    #[test]
+    fn bad_avail_idx_and_event_idx_suppression() {
+        let mem = test_mem();
+        let mut d = Driver::new(&mem, 16);
+        d.chain(&[(0x10_0000, 2048, true)]);
+        d.chain(&[(0x10_1000, 2048, true)]);
+        let mut q = d.queue();
+        q.set_event_idx(true);
+        // MockSplitQueue puts the used ring right after avail.ring[], over used_event: move it.
+        q.set_used_ring_address(Some(0x8000), Some(0));
+        let mut e = engine(f::VERSION_1 | f::RING_EVENT_IDX);
+        let fr = eth(60, 1, 2);
+        // used_event = 5 (avail ring + 4 + 2 * size): the driver wants no interrupt yet.
+        mem.write_obj(
+            5u16.to_le(),
+            GuestAddress(d.mock.avail_addr().0 + 4 + 2 * 16),
+        )
+        .unwrap();
+        e.deliver(&mem, &mut q, &SliceFrame(&fr), &NetHdr::NONE)
+            .unwrap();
+        assert!(!e.publish(&mem, &mut q).unwrap(), "suppressed");
+        // used_event = 1: crossing it asks for an interrupt.
+        mem.write_obj(
+            1u16.to_le(),
+            GuestAddress(d.mock.avail_addr().0 + 4 + 2 * 16),
+        )
+        .unwrap();
+        e.deliver(&mem, &mut q, &SliceFrame(&fr), &NetHdr::NONE)
+            .unwrap();
+        assert!(e.publish(&mem, &mut q).unwrap());
+        // An avail index far ahead is refused, nothing written.
+        d.mock.avail().idx().store(u16::to_le(2 + 1000));
+        assert_eq!(
+            e.deliver(&mem, &mut q, &SliceFrame(&fr), &NetHdr::NONE),
+            Err(DropReason::Malformed)
+        );
+        assert_eq!(e.pending(), 0);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x8002)).unwrap(), 2);
+    }
+
+    #[test]
     fn flow_hash_is_stable_and_spreads() {
         let (a, _) = tcp4_gso(10);
         let mut b = a.clone();

@@ -4,14 +4,15 @@
 //! writes its features (`virtio_net_set_features` → `peer_attach`), which is *before* it sends
 //! `VHOST_USER_SET_FEATURES` to the backend. The `vhost` 0.18 crate rejects that message
 //! ("inactive feature: PROTOCOL_FEATURES") and `VhostUserDaemon` then drops the connection,
-//! so no QEMU guest could ever use the device. QEMU re-sends the enable state right after
-//! `SET_FEATURES` (`vhost_net_start`: "restore vring enable state"), so the shim simply
-//! swallows `SET_VRING_ENABLE` until `SET_FEATURES` with `VHOST_USER_F_PROTOCOL_FEATURES` was
-//! seen, acking it when the frontend asked for a reply. Everything else, file descriptors
-//! included, is forwarded unchanged in both directions.
+//! so no QEMU guest could ever use the device. QEMU 7.2 even "restores the vring enable
+//! state" in `vhost_net_start` just *before* `SET_FEATURES`, and never again. So the shim
+//! holds `SET_VRING_ENABLE` back until `SET_FEATURES` with `VHOST_USER_F_PROTOCOL_FEATURES`
+//! went through, then replays the latest state of each queue (acking the held messages at
+//! once when the frontend asked for a reply). Everything else, file descriptors included, is
+//! forwarded unchanged in both directions.
 //!
 //! ```text
-//!   VMM ──unix socket──► [shim: vmm→backend thread] ──abstract socket──► VhostUserDaemon
+//!   VMM ──unix socket──► [shim: vmm→backend thread] ──private socket──► VhostUserDaemon
 //!   VMM ◄──────────────  [shim: backend→vmm thread] ◄───────────────────
 //! ```
 //!
@@ -134,30 +135,62 @@ fn ack(req: &Msg) -> Msg {
     }
 }
 
-/// Forward VMM → backend, swallowing early `SET_VRING_ENABLE`.
+/// A `SET_VRING_ENABLE` message for `(index, num)` without a reply request.
+fn vring_enable(index: u32, num: u32) -> Msg {
+    let mut hdr = [0u8; 12];
+    hdr[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+    hdr[4..8].copy_from_slice(&FLAG_VERSION.to_le_bytes());
+    hdr[8..12].copy_from_slice(&8u32.to_le_bytes());
+    let mut payload = index.to_le_bytes().to_vec();
+    payload.extend_from_slice(&num.to_le_bytes());
+    Msg {
+        hdr,
+        payload,
+        fds: Vec::new(),
+    }
+}
+
+/// Forward VMM → backend, deferring early `SET_VRING_ENABLE` until after `SET_FEATURES`.
 fn vmm_to_backend(
     vmm: &UnixStream,
     backend: &UnixStream,
     vmm_tx: &Mutex<UnixStream>,
 ) -> Result<(), Error> {
     let mut protocol_acked = false;
+    // Latest early enable state per queue, replayed after SET_FEATURES.
+    let mut deferred: Vec<(u32, u32)> = Vec::new();
     while let Some(m) = recv_msg(vmm)? {
         log::trace!(
-            "shim: request {} flags {:#x} size {} fds {} payload {:02x?}",
+            "shim: request {} flags {:#x} size {} fds {}",
             m.request(),
             m.flags(),
             m.payload.len(),
-            m.fds.len(),
-            &m.payload[..m.payload.len().min(16)]
+            m.fds.len()
         );
         match m.request() {
             SET_FEATURES if m.payload.len() >= 8 => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&m.payload[..8]);
                 protocol_acked = u64::from_le_bytes(b) & PROTOCOL_FEATURES != 0;
+                send_msg(backend, &m)?;
+                if protocol_acked {
+                    for (index, num) in deferred.drain(..) {
+                        send_msg(backend, &vring_enable(index, num))?;
+                    }
+                }
+                continue;
             }
-            SET_VRING_ENABLE if !protocol_acked => {
-                log::debug!("shim: SET_VRING_ENABLE before SET_FEATURES: acked, not forwarded");
+            SET_VRING_ENABLE if !protocol_acked && m.payload.len() >= 8 => {
+                let index =
+                    u32::from_le_bytes([m.payload[0], m.payload[1], m.payload[2], m.payload[3]]);
+                let num =
+                    u32::from_le_bytes([m.payload[4], m.payload[5], m.payload[6], m.payload[7]]);
+                log::debug!("shim: SET_VRING_ENABLE({index}, {num}) before SET_FEATURES: deferred");
+                if let Some(e) = deferred.iter_mut().find(|(i, _)| *i == index) {
+                    e.1 = num;
+                } else if deferred.len() < 1024 {
+                    deferred.push((index, num));
+                }
                 if m.flags() & FLAG_NEED_REPLY != 0 {
                     let tx = vmm_tx.lock().unwrap_or_else(|e| e.into_inner());
                     send_msg(&tx, &ack(&m))?;
@@ -225,14 +258,16 @@ mod tests {
     }
 
     #[test]
-    fn swallows_early_vring_enable_and_forwards_the_rest() {
+    fn defers_early_vring_enable_and_forwards_the_rest() {
         let (vmm, vmm_peer) = UnixStream::pair().unwrap();
         let (backend, backend_peer) = UnixStream::pair().unwrap();
         let threads = spawn(vmm_peer, backend_peer, "t").unwrap();
-        // Early enable with NEED_REPLY: acked by the shim, not forwarded.
+        // Early disable, then enable with NEED_REPLY: acked by the shim, held back.
+        let early = [0u8, 0, 0, 0, 1, 0, 0, 0]; // queue 0, enable
+        send_msg(&vmm, &msg(SET_VRING_ENABLE, FLAG_VERSION, &[0; 8])).unwrap();
         send_msg(
             &vmm,
-            &msg(SET_VRING_ENABLE, FLAG_VERSION | FLAG_NEED_REPLY, &[0; 8]),
+            &msg(SET_VRING_ENABLE, FLAG_VERSION | FLAG_NEED_REPLY, &early),
         )
         .unwrap();
         let r = recv_msg(&vmm).unwrap().unwrap();
@@ -247,6 +282,11 @@ mod tests {
         let f = recv_msg(&backend).unwrap().unwrap();
         assert_eq!(f.request(), SET_FEATURES);
         assert_eq!(f.fds.len(), 1);
+        // The deferred enable follows, without a reply request.
+        let e = recv_msg(&backend).unwrap().unwrap();
+        assert_eq!(e.request(), SET_VRING_ENABLE);
+        assert_eq!(e.flags(), FLAG_VERSION);
+        assert_eq!(e.payload, early);
         // Now enables go through.
         send_msg(&vmm, &msg(SET_VRING_ENABLE, FLAG_VERSION, &[1; 8])).unwrap();
         assert_eq!(

@@ -369,6 +369,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn header_split_over_descriptors() {
+        let mem = test_mem();
+        let mut d = Driver::new(&mem, 16);
+        let f = eth(80, 2, 1);
+        let h = crate::virtio_net::emit_hdr(&NetHdr::NONE, 0);
+        mem.write_slice(&h[..5], GuestAddress(0x10_0000)).unwrap();
+        let mut rest = h[5..].to_vec();
+        rest.extend_from_slice(&f[..30]);
+        mem.write_slice(&rest, GuestAddress(0x11_0000)).unwrap();
+        mem.write_slice(&f[30..], GuestAddress(0x12_0000)).unwrap();
+        d.chain(&[
+            (0x10_0000, 5, false),
+            (0x11_0000, 7 + 30, false),
+            (0x12_0000, 50, false),
+        ]);
+        let mut q = d.queue();
+        let mut rig = Rig::new();
+        rig.run(&mem, &mut q);
+        assert_eq!(rig.got()[0].0, f);
+    }
+
+    #[test]
     fn indirect_chain() {
         let mem = test_mem();
         let d = Driver::new(&mem, 16);

@@ -34,6 +34,8 @@ use crate::port::NetDevice;
 use crate::rx::{Gm, Vring};
 use crate::tx::{process_tx_queue, TxParams, TxScratch};
 
+/// The largest queue size a frontend may set up.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Event id of a worker's RX queue.
 pub const RX_QUEUE_EVENT: u16 = 0;
 /// Event id of a worker's TX queue.
@@ -210,7 +212,9 @@ impl VhostUserBackend for VhostUserNetBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(self.dev.config().queue_size)
+        // vhost-user cannot tell the frontend a maximum, and QEMU's virtio-mmio always asks
+        // for 1024 entries: refusing would drop the connection. Any size up to 1024 works.
+        usize::from(self.dev.config().queue_size.max(MAX_QUEUE_SIZE))
     }
 
     fn features(&self) -> u64 {
@@ -344,7 +348,7 @@ mod tests {
         assert_eq!(b.queues_per_thread(), vec![0b100_0011, 0b1100, 0b11_0000]);
         let b = backend(1);
         assert_eq!(b.queues_per_thread(), vec![0b111]);
-        assert_eq!(b.max_queue_size(), 256);
+        assert_eq!(b.max_queue_size(), 1024);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub mod features {
 /// Link status bit in the config space `status` field.
 pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
-/// Length of the config space we expose: mac[6], status, max_virtqueue_pairs, mtu.
+/// Length of the config space we expose: `mac[6]`, status, max_virtqueue_pairs, mtu.
 pub const CONFIG_SPACE_LEN: usize = 12;
 
 /// The largest Ethernet frame (without virtio header) a guest may send or receive:

@@ -195,10 +195,24 @@ fn reconnect_keeps_the_port_and_counters() {
     assert_eq!(pa.port_id(), id);
     assert_eq!(pa.status().connections, 3);
     assert_eq!(pa.stats().rx_frames, 3);
-    drop(b);
+    // Shutdown with a VMM connected: prompt, the VMM sees the socket close.
+    let mut a = Guest::connect(pa.socket_path(), GuestConfig::default()).unwrap();
+    wait_running(&pa);
     let sock = pa.socket_path().to_path_buf();
+    let t0 = Instant::now();
     pa.shutdown();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert!(!sock.exists());
+    assert_eq!(sw.ports().len(), 1, "only B's port is left");
+    assert!(
+        a.send(0, &NetHdr::NONE, &eth([0xff; 6], mac(1), 60, 0))
+            .is_err()
+            || {
+                // The send may still land in the (now unserved) ring; the next control op fails.
+                a.set_promisc(true).is_err()
+            }
+    );
+    drop(b);
 }
 
 #[test]
