@@ -3,7 +3,8 @@
 #
 # Kernel command line (all optional):
 #   vt.name=NAME      a label, printed in the boot marker
-#   vt.ip=ADDR/NN     eth0's address; without it eth0 stays down
+#   vt.ip=ADDR/NN     eth0's address; without it eth0 stays down; "dhcp": eth0 up without an
+#                     address (get one with the vt_dhcp command)
 #   vt.role=ROLE      cmd (default): run commands read from the console, one per line
 #                     ping:   vt_ping $vt.peer $vt.count, then power off
 #                     iperfs: iperf3 server for one test, then power off
@@ -66,7 +67,7 @@ vt_carrier() {
 if [ -n "$vt_ip" ]; then
   i=0
   while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
-  ip addr add "$vt_ip" brd + dev eth0
+  [ "$vt_ip" = dhcp ] || ip addr add "$vt_ip" brd + dev eth0
   ip link set eth0 up
   i=0
   while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $i -lt 100 ]; do
@@ -123,6 +124,25 @@ vt_iperf() {
     r && /"bits_per_second"/ && bps == "" { gsub(/[^0-9.e+]/, "", $2); bps = $2 }
     END { printf "VT: iperf3 dst=%s bytes=%.0f bps=%.0f retrans=%d\n", dst, bytes + 0, bps + 0, retr + 0 }
   ' /tmp/iperf.json
+}
+
+# vt_dhcp [UDHCPC ARGS...]: busybox udhcpc on eth0 until one lease is bound (then exit);
+# the lease is applied and reported as "VT: dhcp event=bound ip=A mask=N router=R ...".
+cat >/tmp/vt-udhcpc.sh <<'EOS'
+#!/bin/sh
+case "$1" in
+  deconfig) ip addr flush dev "$interface" ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" brd + dev "$interface"
+    echo "VT: dhcp event=$1 ip=$ip mask=$mask router=${router:-none} dns=${dns:-none}" \
+      "lease=$lease mtu=${mtu:-none} server=$serverid" ;;
+  nak) echo "VT: dhcp event=nak" ;;
+esac
+EOS
+chmod +x /tmp/vt-udhcpc.sh
+vt_dhcp() {
+  udhcpc -i eth0 -f -q -n -t 5 -T 2 -s /tmp/vt-udhcpc.sh "$@"
 }
 
 # vt_netdev: eth0's packet counters.

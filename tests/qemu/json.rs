@@ -173,7 +173,8 @@ impl Parser<'_> {
                 {
                     self.i += 1;
                 }
-                let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
+                let text =
+                    std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
                 Ok(Json::Num(text.to_string()))
             }
             _ => Err(format!("unexpected input at byte {}", self.i)),
@@ -230,7 +231,10 @@ mod tests {
                 "rx_frames":18446744073709551615,"socket":"/t\"x\u0041","drops":{}}]}], "f": -1.5e3}"#,
         )
         .unwrap();
-        let port = &v.get("networks").unwrap().items()[0].get("ports").unwrap().items()[0];
+        let port = &v.get("networks").unwrap().items()[0]
+            .get("ports")
+            .unwrap()
+            .items()[0];
         assert_eq!(port.get("mac"), Some(&Json::Null));
         assert_eq!(port.get("connected").unwrap().as_bool(), Some(true));
         assert_eq!(port.get("rx_frames").unwrap().as_u64(), Some(u64::MAX));
