@@ -56,7 +56,7 @@ fn raw_tx(
 
 /// Every guest announces itself with a broadcast so that the switch knows all MACs.
 fn learn_all(guests: &mut [&mut Guest]) {
-    for i in 0..guests.len() {
+    for (i, g) in guests.iter_mut().enumerate() {
         let f = udp_frame(
             mac(i as u8 + 1),
             virtnet::switch::MacAddr::BROADCAST,
@@ -64,7 +64,7 @@ fn learn_all(guests: &mut [&mut Guest]) {
             1,
             60,
         );
-        guests[i].send(0, &NetHdr::NONE, &f).unwrap();
+        g.send(0, &NetHdr::NONE, &f).unwrap();
         std::thread::sleep(Duration::from_millis(20));
     }
     for g in guests.iter_mut() {
@@ -327,7 +327,6 @@ fn rx_chain_too_small_is_a_counted_drop_and_nothing_overflows() {
     assert_eq!(used.len(), 1);
     assert_eq!(used[0].id, u32::from(head));
     assert_eq!(used[0].len, small);
-    drop(q);
     let mut got = vec![0u8; small as usize];
     b.read_mem(gpa, &mut got).unwrap();
     assert_eq!(&got[b.hdr_len()..], &fits[..]);
@@ -360,7 +359,6 @@ fn rx_chain_too_small_is_a_counted_drop_and_nothing_overflows() {
     let used = q.used_entries().unwrap();
     assert_eq!(used.len(), 1);
     assert_eq!((used[0].id, used[0].len), (u32::from(head), 0));
-    drop(q);
     eventually(LONG, || {
         net.stats(1).drop_count(DropReason::BadDirection) > 0
     });

@@ -1,8 +1,11 @@
 //! `Segmenter::adapt` on an arbitrary frame, `NetHdr` and destination caps.
 //!
 //! Invariants: no panic; a rejected frame emits nothing; what the destination accepts passes
-//! untouched; every emitted frame is at most the input plus `MAX_HEADERS_LEN`, carries no GSO,
-//! and segments of a TCP GSO frame have valid IPv4 header and TCP checksums.
+//! untouched; every emitted frame is at most the input plus `MAX_HEADERS_LEN` and carries no GSO;
+//! segments of a TCP GSO frame have valid IP lengths, IPv4 header and TCP checksums; a completed
+//! partial checksum verifies against the pseudo-header sum the sender left in the field; UFO
+//! fragments have valid headers and offsets and reassemble into a datagram with a valid UDP
+//! length and checksum.
 
 #![no_main]
 
@@ -11,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 use virtnet_fuzz::{corrupt, Corruption, FrameSpec};
 use virtnet_switch::frame::SlicesFrame;
 use virtnet_switch::gso::{checksum, Segmenter, MAX_HEADERS_LEN};
-use virtnet_switch::hdr::{FLAG_DATA_VALID, GSO_TCPV4, GSO_TCPV6};
+use virtnet_switch::hdr::{FLAG_DATA_VALID, GSO_TCPV4, GSO_TCPV6, GSO_UDP};
 use virtnet_switch::{DropReason, Frame, NetHdr, OffloadCaps};
 
 #[derive(Arbitrary, Debug)]
@@ -112,6 +115,10 @@ fuzz_target!(|input: Input| {
 
     let accepts = caps.accepts(&hdr);
     let tcp_gso = matches!(hdr.gso_kind(), GSO_TCPV4 | GSO_TCPV6);
+    let ufo = hdr.gso_kind() == GSO_UDP;
+    let csum_only = !hdr.is_gso() && hdr.needs_csum();
+    let mut ufo_dgram: Vec<u8> = Vec::new();
+    let mut ufo_ip: Vec<u8> = Vec::new();
     let mut emitted = 0usize;
     let mut out = vec![0u8; len + MAX_HEADERS_LEN];
     let r = SEGMENTER.with(|s| {
@@ -133,6 +140,12 @@ fuzz_target!(|input: Input| {
                 if tcp_gso {
                     check_tcp_segment(&out[..n]);
                 }
+                if csum_only {
+                    check_completed(&frame, &out[..n], &hdr);
+                }
+                if ufo {
+                    collect_fragment(&out[..n], &mut ufo_ip, &mut ufo_dgram);
+                }
                 Ok(())
             })
     });
@@ -146,4 +159,70 @@ fuzz_target!(|input: Input| {
     if accepts {
         assert_eq!((r, emitted), (Ok(1), 1));
     }
+    if ufo && !accepts && r.is_ok() {
+        // The reassembled datagram has the right UDP length and a valid checksum.
+        let udp_len = usize::from(u16::from_be_bytes([ufo_dgram[4], ufo_dgram[5]]));
+        assert_eq!(udp_len, ufo_dgram.len(), "UDP length");
+        let pseudo =
+            checksum::pseudo_header_v4(&ufo_ip[12..16], &ufo_ip[16..20], 17, udp_len as u32);
+        assert_eq!(
+            checksum::fold(checksum::accumulate(pseudo, &ufo_dgram)),
+            0xffff,
+            "UDP checksum"
+        );
+    }
 });
+
+/// A completed partial checksum: only the two checksum bytes changed, and adding back the value
+/// the sender had left there (its pseudo-header sum) makes the range sum to 0xffff.
+fn check_completed(input: &[u8], out: &[u8], hdr: &NetHdr) {
+    assert_eq!(input.len(), out.len());
+    let start = usize::from(hdr.csum_start);
+    let at = start + usize::from(hdr.csum_offset);
+    assert_eq!(&input[..at], &out[..at]);
+    assert_eq!(&input[at + 2..], &out[at + 2..]);
+    if hdr.csum_offset % 2 == 1 {
+        // The field straddles two 16-bit words of the sum: valid (Linux allows it) but the
+        // sender's value cannot be added back as one word.
+        return;
+    }
+    let left = u16::from_be_bytes([input[at], input[at + 1]]);
+    let sum = checksum::fold(checksum::accumulate(u64::from(left), &out[start..]));
+    // 0 and 0xffff are the same number in ones' complement.
+    assert!(
+        sum == 0xffff || sum == 0,
+        "completed checksum does not verify: {sum:#x}"
+    );
+}
+
+/// Check one IPv4 fragment and append its payload to the datagram being reassembled.
+fn collect_fragment(f: &[u8], ip_hdr: &mut Vec<u8>, dgram: &mut Vec<u8>) {
+    let l3 = if u16::from_be_bytes([f[12], f[13]]) == 0x8100 {
+        18
+    } else {
+        14
+    };
+    let ip = &f[l3..];
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    assert_eq!(checksum::checksum(&ip[..ihl]), 0, "IPv4 header checksum");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+        ip.len(),
+        "IPv4 total length"
+    );
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    assert_eq!(
+        usize::from(frag & 0x1fff) * 8,
+        dgram.len(),
+        "fragment offset"
+    );
+    if ip_hdr.is_empty() {
+        ip_hdr.extend_from_slice(&ip[..ihl]);
+    } else {
+        assert_eq!(ip[4..6], ip_hdr[4..6], "same identification");
+    }
+    if !dgram.is_empty() || frag & 0x2000 != 0 {
+        assert_eq!(frag & 0x4000, 0, "DF on a fragment");
+    }
+    dgram.extend_from_slice(&ip[ihl..]);
+}

@@ -217,4 +217,60 @@ mod tests {
             assert_eq!(b.headers - b.l4, l4_hl);
         }
     }
+
+    /// The builder's frames must take the deep paths of the targets, or the fuzzer wastes its
+    /// time on parse errors.
+    #[test]
+    fn built_frames_are_segmented() {
+        use virtnet_switch::gso::Segmenter;
+        use virtnet_switch::hdr::{FLAG_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP};
+        use virtnet_switch::{NetHdr, OffloadCaps, SliceFrame};
+        let mut f = Vec::new();
+        let mut seg = Segmenter::new();
+        for (ipv6, l4, gso_type) in [
+            (
+                false,
+                L4::Tcp {
+                    opts: 12,
+                    flags: 0x19,
+                    seq: 5,
+                },
+                GSO_TCPV4,
+            ),
+            (
+                true,
+                L4::Tcp {
+                    opts: 0,
+                    flags: 0x10,
+                    seq: 5,
+                },
+                GSO_TCPV6,
+            ),
+            (false, L4::Udp, GSO_UDP),
+        ] {
+            let spec = FrameSpec::Ip {
+                vlan: Some(3),
+                ipv6,
+                ip_opts: 8,
+                id: 9,
+                l4,
+                payload: 5000,
+            };
+            let b = spec.build(&mut f);
+            let hdr = NetHdr {
+                flags: FLAG_NEEDS_CSUM,
+                gso_type,
+                hdr_len: b.headers as u16,
+                gso_size: 1000,
+                csum_start: b.l4 as u16,
+                csum_offset: b.csum_offset as u16,
+            };
+            let n = seg.adapt(&SliceFrame(&f), &hdr, OffloadCaps::NONE, &mut |_, _| Ok(()));
+            assert!(
+                matches!(n, Ok(5..=6)),
+                "{spec:?}: {n:?} {:?}",
+                seg.last_error()
+            );
+        }
+    }
 }

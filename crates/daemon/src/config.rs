@@ -11,7 +11,9 @@
 //!
 //! [[network]]
 //! name = "lab"
-//! mode = "internal"          # internal | null (tests); host-only, nat, bridged: not yet
+//! mode = "internal"          # internal | host-only | bridged | null (tests); nat: not yet
+//! # subnet, dhcp, host_interface, ipv6_prefix: see mode_hostonly
+//! # uplink, uplink_vlan, uplink_queues: see mode_bridged
 //! mtu = 1500                 # optional, 68..=65535
 //! ageing_secs = 300          # optional, FDB ageing
 //!
@@ -222,6 +224,24 @@ pub enum Error {
         /// The value.
         value: u32,
     },
+    /// A network's addressing or services keys are wrong (host-only, DHCP).
+    #[error("{key}")]
+    Network {
+        /// The key, e.g. `network[0].dhcp`.
+        key: String,
+        /// Why.
+        #[source]
+        source: crate::mode_hostonly::NetError,
+    },
+    /// A network's bridged keys are wrong (uplink, uplink_vlan, uplink_queues).
+    #[error("{key}")]
+    Bridged {
+        /// The key, e.g. `network[0].uplink`.
+        key: String,
+        /// Why.
+        #[source]
+        source: crate::mode_bridged::BridgedError,
+    },
     /// `log_level` is not a valid filter.
     #[error("{key}: Invalid log level {value:?}")]
     BadLogLevel {
@@ -280,7 +300,8 @@ pub struct NetworkConfig {
     /// Unique name.
     pub name: String,
     /// `internal` (VMs only), or `null` (internal plus a port that swallows frames; for tests).
-    /// `host-only`, `nat` and `bridged` are known but not implemented yet.
+    /// `host-only` (a host TAP + DHCP, see [`crate::mode_hostonly`]); `bridged` (an AF_PACKET
+    /// uplink, see [`crate::mode_bridged`]); `nat` is known but not implemented yet.
     pub mode: String,
     /// MTU offered to the guests (VIRTIO_NET_F_MTU).
     #[serde(default = "default_mtu")]
@@ -288,6 +309,27 @@ pub struct NetworkConfig {
     /// Seconds after which the switch forgets an unseen MAC.
     #[serde(default = "default_ageing_secs")]
     pub ageing_secs: u64,
+    /// IPv4 subnet (host-only: default 192.168.56.0/24; the host has the first address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// DHCP server settings (host-only: on by default; internal: off unless present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<crate::mode_hostonly::DhcpSpec>,
+    /// Host TAP interface of a host-only network (default `vt-<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_interface: Option<String>,
+    /// IPv6 /64 prefix advertised for SLAAC (router advertisements).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<String>,
+    /// Host NIC of a bridged network (see [`crate::mode_bridged`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
+    /// 802.1Q VLAN id a bridged network's frames carry on the uplink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_vlan: Option<u32>,
+    /// Reader threads on the uplink (PACKET_FANOUT), default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_queues: Option<u32>,
     /// Guest ports, `[[network.port]]` in the file.
     #[serde(default, rename = "port")]
     pub ports: Vec<PortSpec>,
@@ -359,6 +401,13 @@ impl NetworkConfig {
             mtu: DEFAULT_MTU,
             ageing_secs: DEFAULT_AGEING_SECS,
             ports: Vec::new(),
+            subnet: None,
+            dhcp: None,
+            host_interface: None,
+            ipv6_prefix: None,
+            uplink: None,
+            uplink_vlan: None,
+            uplink_queues: None,
         }
     }
 
@@ -604,6 +653,10 @@ impl Config {
                 }
             }
         }
+        crate::mode_hostonly::validate_all(&self.networks)
+            .map_err(|(key, source)| Error::Network { key, source })?;
+        crate::mode_bridged::validate_all(&self.networks)
+            .map_err(|(key, source)| Error::Bridged { key, source })?;
         Ok(())
     }
 }
@@ -724,7 +777,7 @@ mode = "null"
     #[test]
     fn rejects_unimplemented_modes() {
         let dir = TempDir::new().unwrap();
-        for m in ["host-only", "nat", "bridged"] {
+        for m in mode::NOT_YET {
             let e = check(
                 &dir,
                 &format!("[[network]]\nname = \"n\"\nmode = \"{m}\"\n"),
@@ -733,6 +786,21 @@ mode = "null"
             assert_matches!(&e, Error::Mode { source: ModeError::NotImplemented(x), .. } if x == m);
             assert!(e.to_string().starts_with("network[0].mode"), "{e}");
         }
+    }
+
+    #[test]
+    fn bridged_network_parses_and_checks_its_keys() {
+        let dir = TempDir::new().unwrap();
+        let cfg = check(
+            &dir,
+            "[[network]]\nname = \"lan\"\nmode = \"bridged\"\nuplink = \"eth1\"\nuplink_vlan = 100\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.networks[0].uplink.as_deref(), Some("eth1"));
+        assert_eq!(cfg.networks[0].uplink_vlan, Some(100));
+        let e = check(&dir, "[[network]]\nname = \"lan\"\nmode = \"bridged\"\n").unwrap_err();
+        assert_matches!(&e, Error::Bridged { key, source: crate::mode_bridged::BridgedError::NoUplink }
+            if key == "network[0].uplink");
     }
 
     #[test]

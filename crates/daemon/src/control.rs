@@ -80,6 +80,9 @@ pub struct NetworkStats {
     pub mode: String,
     /// Guest ports in config order, then the mode's own ports.
     pub ports: Vec<PortReport>,
+    /// The network services (DHCP leases, counters), when the network runs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<crate::mode_hostonly::ServicesReport>,
 }
 
 /// One port in [`StatsReport`]. Directions are the switch's: `rx` is what the switch received
@@ -285,6 +288,7 @@ mod tests {
                 name: "lab".into(),
                 mode: "internal".into(),
                 ports: vec![port],
+                services: None,
             }],
         }
     }

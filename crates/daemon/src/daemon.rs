@@ -187,6 +187,7 @@ impl Daemon {
                     name: n.name.clone(),
                     mode: n.mode.name().into(),
                     ports,
+                    services: n.mode.services(),
                 }
             })
             .collect();

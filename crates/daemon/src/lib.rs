@@ -22,6 +22,8 @@
 //! - [`cli`]: command line ([`cli::Args`]) and `TryFrom<Args> for Config`.
 //! - [`config`]: [`Config`] (the TOML file's shape), defaults, validation.
 //! - [`mode`]: the [`mode::NetMode`] trait and [`mode::alloc_mode`] factory.
+//! - [`mode_bridged`]: `bridged` networks (an AF_PACKET uplink on a host NIC).
+//! - [`mode_hostonly`]: `host-only` networks (TAP + services) and DHCP on `internal` ones.
 //! - [`port`]: guest ports, the glue to `virtnet_virtio::NetPort`.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: [`Daemon`] start/serve/stop, [`Shutdown`], [`run`].
@@ -35,6 +37,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod mode;
+pub mod mode_bridged;
+pub mod mode_hostonly;
 pub mod port;
 pub mod qemu;
 pub mod sys;

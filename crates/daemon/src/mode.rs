@@ -9,9 +9,9 @@
 //! |-------------|-------------------|--------------------------------------|
 //! | `internal`  | implemented       | none                                 |
 //! | `null`      | implemented, test | one sink that swallows every frame   |
-//! | `host-only` | not yet           | TAP                                  |
+//! | `host-only` | implemented       | TAP, services (mode_hostonly)        |
 //! | `nat`       | not yet           | NAT gateway                          |
-//! | `bridged`   | not yet           | AF_PACKET uplink                     |
+//! | `bridged`   | implemented       | AF_PACKET uplink (mode_bridged)      |
 //!
 //! A later mode implements [`NetMode`] in its own module (feature-gated if it pulls in
 //! dependencies) and adds one arm to [`alloc_mode`] and [`check`].
@@ -31,7 +31,7 @@ pub const INTERNAL: &str = "internal";
 /// Internal, plus a port that swallows every frame (for tests).
 pub const NULL: &str = "null";
 /// Modes that exist in the design but are not implemented yet.
-pub const NOT_YET: [&str; 3] = ["host-only", "nat", "bridged"];
+pub const NOT_YET: [&str; 1] = ["nat"];
 
 /// Errors of choosing or starting a mode.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -39,6 +39,9 @@ pub enum ModeError {
     /// Not a mode virtnet knows.
     #[error("Unknown mode {0:?} (known: internal, null, host-only, nat, bridged)")]
     Unknown(String),
+    /// The mode's own ports (a TAP, the services) cannot start.
+    #[error("{0}")]
+    Start(String),
     /// A known mode that a later version implements.
     #[error("Mode {0:?} is not implemented yet")]
     NotImplemented(String),
@@ -69,6 +72,11 @@ pub trait NetMode: Send + Sync {
         Vec::new()
     }
 
+    /// The network services' counters and DHCP leases, if the mode runs services.
+    fn services(&self) -> Option<crate::mode_hostonly::ServicesReport> {
+        None
+    }
+
     /// Periodic housekeeping from the control loop (FDB ageing, leases…).
     fn tick(&self) {
         self.switch().age();
@@ -81,7 +89,7 @@ pub trait NetMode: Send + Sync {
 /// Is `mode` a mode this build can run? Used by config validation.
 pub fn check(mode: &str) -> Result<()> {
     match mode {
-        INTERNAL | NULL => Ok(()),
+        INTERNAL | NULL | crate::mode_hostonly::HOST_ONLY | crate::mode_bridged::BRIDGED => Ok(()),
         m if NOT_YET.contains(&m) => Err(ModeError::NotImplemented(m.to_string())),
         m => Err(ModeError::Unknown(m.to_string())),
     }
@@ -97,6 +105,15 @@ pub fn alloc_mode(net: &NetworkConfig) -> Result<Box<dyn NetMode>> {
     });
     match net.mode.as_str() {
         NULL => Ok(Box::new(NullMode::new(switch))),
+        crate::mode_bridged::BRIDGED => Ok(Box::new(crate::mode_bridged::BridgedMode::start(
+            switch, net,
+        )?)),
+        crate::mode_hostonly::HOST_ONLY => Ok(Box::new(crate::mode_hostonly::HostOnlyMode::start(
+            switch, net,
+        )?)),
+        INTERNAL if crate::mode_hostonly::applies(net) => Ok(Box::new(
+            crate::mode_hostonly::InternalWithServices::start(switch, net)?,
+        )),
         _ => Ok(Box::new(InternalMode { switch })),
     }
 }
@@ -191,8 +208,8 @@ mod tests {
         assert_eq!(check("internal"), Ok(()));
         assert_eq!(check("null"), Ok(()));
         assert_matches!(check("nat"), Err(ModeError::NotImplemented(m)) if m == "nat");
-        assert_matches!(check("host-only"), Err(ModeError::NotImplemented(_)));
-        assert_matches!(check("bridged"), Err(ModeError::NotImplemented(_)));
+        assert_eq!(check("host-only"), Ok(()));
+        assert_eq!(check("bridged"), Ok(()));
         assert_matches!(check("Internal"), Err(ModeError::Unknown(m)) if m == "Internal");
         assert_eq!(
             ModeError::NotImplemented("nat".into()).to_string(),

@@ -157,6 +157,10 @@ impl GuestMem {
 
     /// Writes `data` at `gpa` (bounds-checked).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        if let Some(s) = self.fast_slice(gpa, data.len()) {
+            s.copy_from(data);
+            return Ok(());
+        }
         self.mem
             .write_slice(data, GuestAddress(gpa))
             .map_err(Error::Access)
@@ -164,9 +168,27 @@ impl GuestMem {
 
     /// Reads `buf.len()` bytes at `gpa` (bounds-checked).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some(s) = self.fast_slice(gpa, buf.len()) {
+            if s.copy_to(buf) == buf.len() {
+                return Ok(());
+            }
+        }
         self.mem
             .read_slice(buf, GuestAddress(gpa))
             .map_err(Error::Access)
+    }
+
+    /// A bounds-checked view of `[gpa, gpa + len)` in the one region, without
+    /// `GuestMemoryMmap`'s region search and generic `Bytes` plumbing (the data path calls
+    /// `read`/`write` several times per frame). `None` sends the caller to the slow path,
+    /// which also produces the error.
+    #[inline]
+    fn fast_slice(&self, gpa: u64, len: usize) -> Option<vm_memory::VolatileSlice<'_>> {
+        let off = gpa.checked_sub(self.base)?;
+        let region = self.mem.iter().next()?;
+        region
+            .get_slice(vm_memory::MemoryRegionAddress(off), len)
+            .ok()
     }
 
     /// True when `[gpa, gpa + len)` lies inside the region.

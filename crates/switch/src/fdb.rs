@@ -33,6 +33,11 @@ impl Hasher for MacHasher {
     fn write_u16(&mut self, v: u16) {
         self.0 = self.0.rotate_left(16) ^ u64::from(v);
     }
+
+    fn write_u64(&mut self, v: u64) {
+        // A MAC (48 bits) after a VLAN (16 bits): the key fits the state exactly.
+        self.0 = self.0.rotate_left(48) ^ v;
+    }
 }
 
 type FdbMap = HashMap<(u16, MacAddr), Entry, BuildHasherDefault<MacHasher>>;

@@ -32,6 +32,9 @@
 //!                 (stack header)     (borrowed slice)   tcp' = seq+i*mss, flags, checksum
 //! ```
 //!
+//! The TCP/UDP payload is everything from the end of the L4 header to the end of the frame: the
+//! IP length fields of a GSO frame are rewritten, never trusted (a guest may lie in them).
+//!
 //! Everything is validated before the first frame is emitted, so a malformed frame is dropped
 //! whole (never half-delivered). Supported: Ethernet with at most one 802.1Q tag, IPv4 with
 //! options, IPv6 without extension headers (extension headers are rejected), TCP with options.
@@ -69,7 +72,7 @@ pub enum Error {
     /// The frame ends inside its Ethernet, IP or L4 header.
     #[error("Frame ends inside its headers")]
     Truncated,
-    /// `hdr_len` points past the end of the frame.
+    /// `hdr_len` of a GSO frame points past the end of the frame.
     #[error("Header length beyond the frame")]
     HdrLenBeyondFrame,
     /// The checksum start/offset do not fit in the frame.
@@ -338,7 +341,9 @@ impl Job {
         if len > MAX_FRAME_LEN {
             return Err(Error::TooLong);
         }
-        if usize::from(hdr.hdr_len) > len {
+        // hdr_len is only a hint (the headers are parsed), but a GSO frame shorter than its
+        // announced headers is bogus. Linux ignores it on other frames, and so do we.
+        if hdr.is_gso() && usize::from(hdr.hdr_len) > len {
             return Err(Error::HdrLenBeyondFrame);
         }
         match hdr.gso_kind() {
@@ -447,7 +452,7 @@ impl Segmenter {
         }
         self.load(frame, len).map_err(|e| self.fail(e))?;
         match job {
-            Job::Clean => Ok(0),
+            Job::Clean => Ok(0), // emitted above, without a copy
             Job::Checksum { start, at } => {
                 let b = &mut self.buf[..len];
                 let c = complete(checksum::accumulate(0, &b[start..]));
@@ -1075,7 +1080,7 @@ mod tests {
             payload: 30_000,
             ..Tcp::default()
         };
-        let (frame, _) = spec.build();
+        let (frame, l4) = spec.build();
         let hdr = spec.hdr(1448);
         let mut calls = 0;
         let r = Segmenter::new().adapt(&SliceFrame(&frame), &hdr, OffloadCaps::ALL, &mut |f, h| {
@@ -1100,6 +1105,21 @@ mod tests {
         );
         assert_eq!(r, Ok(1));
         assert_eq!((out[0].0.as_slice(), out[0].1), (frame.as_slice(), plain));
+        // hdr_len is ignored without GSO.
+        let sloppy = NetHdr {
+            flags: FLAG_NEEDS_CSUM,
+            hdr_len: 0xffff,
+            csum_start: l4 as u16,
+            csum_offset: 16,
+            ..NetHdr::NONE
+        };
+        let (r, out) = run(
+            &mut Segmenter::new(),
+            &SliceFrame(&frame),
+            &sloppy,
+            OffloadCaps::NONE,
+        );
+        assert_eq!((r, out.len(), out[0].1), (Ok(1), 1, OUT_HDR));
         // A stray ECN bit without GSO is cleaned, the frame untouched.
         let stray = NetHdr {
             gso_type: GSO_ECN,

@@ -117,6 +117,18 @@ impl PortStats {
         self.tx_bytes.fetch_add(bytes as u64, Relaxed);
     }
 
+    /// Count `frames` frames of `bytes` bytes in all received from the port (a batch).
+    pub fn add_rx(&self, frames: u64, bytes: u64) {
+        self.rx_frames.fetch_add(frames, Relaxed);
+        self.rx_bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// Count `frames` frames of `bytes` bytes in all delivered to the port (a batch).
+    pub fn add_tx(&self, frames: u64, bytes: u64) {
+        self.tx_frames.fetch_add(frames, Relaxed);
+        self.tx_bytes.fetch_add(bytes, Relaxed);
+    }
+
     /// Count a frame from this port that was flooded.
     pub fn count_flood(&self) {
         self.flooded.fetch_add(1, Relaxed);

@@ -96,6 +96,50 @@ pub struct TxBatch {
     generation: u64,
     now: u64,
     touched: Vec<u64>,
+    /// The last (VLAN, source MAC, ingress) learned in this batch: the FDB already has it
+    /// with this batch's timestamp, so frames of the same flow skip `Fdb::learn`.
+    learned: Option<(u16, MacAddr, PortId, u64)>,
+    /// The last unicast (VLAN, destination MAC) looked up in this batch, its port and the
+    /// clock then.
+    looked_up: Option<(u16, MacAddr, PortId, u64)>,
+    /// Frames and bytes received from one ingress port, not yet added to its counters.
+    rx_acc: Acc,
+    /// Frames and bytes delivered to one port, not yet added to its counters.
+    tx_acc: Acc,
+}
+
+/// A per-batch counter for one port, added to its shared `PortStats` when the port changes
+/// and at `Switch::end`: two atomic additions per batch and flow instead of per frame.
+#[derive(Clone, Copy, Debug, Default)]
+struct Acc {
+    port: usize,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Acc {
+    #[inline]
+    fn add(&mut self, table: &PortTable, port: usize, bytes: usize, rx: bool) {
+        if self.frames != 0 && self.port != port {
+            self.flush(table, rx);
+        }
+        self.port = port;
+        self.frames += 1;
+        self.bytes += bytes as u64;
+    }
+
+    fn flush(&mut self, table: &PortTable, rx: bool) {
+        if self.frames != 0 {
+            if let Some(Some(p)) = table.ports.get(self.port) {
+                if rx {
+                    p.stats.add_rx(self.frames, self.bytes);
+                } else {
+                    p.stats.add_tx(self.frames, self.bytes);
+                }
+            }
+        }
+        *self = Acc::default();
+    }
 }
 
 impl TxBatch {
@@ -225,17 +269,29 @@ impl Switch {
             generation: self.generation.load(Ordering::Acquire),
             now: self.now(),
             touched: Vec::new(),
+            learned: None,
+            looked_up: None,
+            rx_acc: Acc::default(),
+            tx_acc: Acc::default(),
         }
     }
 
     /// Start a batch: refresh the port snapshot if ports came or went, and the clock.
+    ///
+    /// Within a batch the last learned source and the last destination lookup are remembered
+    /// (one entry each), so a change in the FDB made by another worker during a batch is seen
+    /// from the next batch on (at most one batch late, like the port table snapshot).
     pub fn begin(&self, batch: &mut TxBatch) {
+        batch.rx_acc.flush(&batch.table, true);
+        batch.tx_acc.flush(&batch.table, false);
         let g = self.generation.load(Ordering::Acquire);
         if g != batch.generation {
             batch.table = self.table.load_full();
             batch.generation = g;
         }
         batch.now = self.now();
+        batch.learned = None;
+        batch.looked_up = None;
     }
 
     /// Count a drop that happened at a port before the frame reached the switch (bad
@@ -253,6 +309,10 @@ impl Switch {
             table,
             now,
             touched,
+            learned,
+            looked_up,
+            rx_acc,
+            tx_acc,
             ..
         } = batch;
         let now = *now;
@@ -260,7 +320,7 @@ impl Switch {
             return;
         };
         let len = frame.len();
-        src.stats.count_rx(len);
+        rx_acc.add(table, ingress.0 as usize, len, true);
 
         let mut head = [0u8; ETH_VLAN_HEADER_LEN];
         let got = frame.read_at(0, &mut head);
@@ -279,20 +339,35 @@ impl Switch {
             return;
         }
         let vlan = src.vlan;
-        if self.fdb.learn(vlan, src_mac, ingress, now) == Learn::Limited {
-            // Not fatal: the frame still goes out, it just cannot be answered by unicast.
+        let key = (vlan, src_mac, ingress, now);
+        if *learned != Some(key) {
+            match self.fdb.learn(vlan, src_mac, ingress, now) {
+                Learn::Known | Learn::Learned => *learned = Some(key),
+                // Not fatal: the frame still goes out, it just cannot be answered by unicast.
+                Learn::Limited => {}
+            }
         }
 
         let dst_mac = eth.dst();
         if !dst_mac.is_multicast() {
-            if let Some(dst) = self.fdb.lookup(vlan, dst_mac, now) {
+            let dst = match *looked_up {
+                Some((v, m, p, t)) if v == vlan && m == dst_mac && t == now => Some(p),
+                _ => {
+                    let p = self.fdb.lookup(vlan, dst_mac, now);
+                    if let Some(p) = p {
+                        *looked_up = Some((vlan, dst_mac, p, now));
+                    }
+                    p
+                }
+            };
+            if let Some(dst) = dst {
                 if dst == ingress {
                     src.stats.count_drop(DropReason::Hairpin);
                     return;
                 }
                 if let Some(Some(d)) = table.ports.get(dst.0 as usize) {
                     if d.vlan == vlan {
-                        Self::deliver_to(touched, d, frame, hdr);
+                        Self::deliver_to(touched, tx_acc, table, d, frame, hdr);
                         return;
                     }
                 }
@@ -301,15 +376,22 @@ impl Switch {
         src.stats.count_flood();
         for d in table.ports.iter().flatten() {
             if d.id != ingress && d.vlan == vlan {
-                Self::deliver_to(touched, d, frame, hdr);
+                Self::deliver_to(touched, tx_acc, table, d, frame, hdr);
             }
         }
     }
 
-    fn deliver_to(touched: &mut Vec<u64>, d: &PortEntry, frame: &dyn Frame, hdr: &NetHdr) {
+    fn deliver_to(
+        touched: &mut Vec<u64>,
+        tx_acc: &mut Acc,
+        table: &PortTable,
+        d: &PortEntry,
+        frame: &dyn Frame,
+        hdr: &NetHdr,
+    ) {
         match d.sink.deliver(frame, hdr) {
             Ok(()) => {
-                d.stats.count_tx(frame.len());
+                tx_acc.add(table, d.id.0 as usize, frame.len(), false);
                 TxBatch::touch(touched, d.id);
             }
             Err(reason) => d.stats.count_drop(reason),
@@ -327,7 +409,14 @@ impl Switch {
     ) -> bool {
         match batch.table.ports.get(dst.0 as usize) {
             Some(Some(d)) => {
-                Self::deliver_to(&mut batch.touched, d, frame, hdr);
+                Self::deliver_to(
+                    &mut batch.touched,
+                    &mut batch.tx_acc,
+                    &batch.table,
+                    d,
+                    frame,
+                    hdr,
+                );
                 true
             }
             _ => false,
@@ -336,6 +425,8 @@ impl Switch {
 
     /// End a batch: flush every port that received frames, once.
     pub fn end(&self, batch: &mut TxBatch) {
+        batch.rx_acc.flush(&batch.table, true);
+        batch.tx_acc.flush(&batch.table, false);
         for w in 0..batch.touched.len() {
             let mut bits = std::mem::take(&mut batch.touched[w]);
             while bits != 0 {

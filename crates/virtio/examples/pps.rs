@@ -1,7 +1,14 @@
 //! Ad-hoc frame-rate check: one guest sends 60-byte unicast frames to another through two
 //! `NetPort`s on one switch (guest TX ring → switch → other guest's RX ring, one copy).
 //!
-//! `cargo run --release -p virtnet-virtio --example pps -- [seconds] [frame_len]`
+//! `cargo run --release -p virtnet-virtio --example pps -- [seconds] [frame_len] [max_frames]`
+//!
+//! With `max_frames` the sender stops after that many frames (or `seconds`, whichever comes
+//! first): a fixed workload for instruction counting, e.g.
+//! `valgrind --tool=callgrind --separate-threads=yes target/release/examples/pps 60 60 200000`
+//! then divide each thread's instruction count by the frame counts printed at the end. In that
+//! mode the sender also keeps at most 192 frames ahead of the receiver, so no frame is dropped
+//! for want of RX buffers and every run does the same work.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,6 +22,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let len: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let max_frames: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
     let dir = std::env::temp_dir().join(format!("virtnet-pps-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sw = Switch::new(SwitchConfig::default());
@@ -80,9 +88,15 @@ fn main() {
     }
     let start = Instant::now();
     let mut sent = 0u64;
-    while start.elapsed() < Duration::from_secs(secs) {
+    let paced = max_frames != u64::MAX;
+    while start.elapsed() < Duration::from_secs(secs) && sent < max_frames {
+        if paced && sent.saturating_sub(received.load(Ordering::Relaxed)) > 192 - 64 {
+            std::thread::yield_now();
+            continue;
+        }
+        let want = (max_frames - sent).min(64) as usize;
         let n = a
-            .send_batch(0, 64, |_, buf| {
+            .send_batch(0, want, |_, buf| {
                 buf[..len].copy_from_slice(&frame);
                 Some((hdr, len))
             })
@@ -93,11 +107,23 @@ fn main() {
         sent += n as u64;
     }
     let el = start.elapsed().as_secs_f64();
+    let _ = a.wait_tx_done(0, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(50));
     stop.store(true, Ordering::Relaxed);
     let b = rx.join().unwrap();
     let got = received.load(Ordering::Relaxed);
     let st = pb.stats();
+    let (ga, gb) = (a.stats(), b.stats());
+    println!(
+        "frames: sent {sent} forwarded {} received {got}; tx kicks {} (suppressed {}), \
+         rx waits {} rx kicks {} (suppressed {})",
+        pa.stats().rx_frames,
+        ga.kicks,
+        ga.kicks_suppressed,
+        gb.waits,
+        gb.kicks,
+        gb.kicks_suppressed
+    );
     println!(
         "len {len}: sent {:.2} Mpps, received {:.2} Mpps ({:.2} Gbit/s), rx drops {:?}",
         sent as f64 / el / 1e6,

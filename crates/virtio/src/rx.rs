@@ -19,16 +19,14 @@ use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use virtnet_switch::frame::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN};
 use virtnet_switch::gso::Segmenter;
 use virtnet_switch::{DropReason, Frame, MacAddr, NetHdr, OffloadCaps, PortSink};
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::ctrl::RxFilter;
-use crate::desc::{self, Dir, Piece};
+use crate::desc::{self, AvailCursor, Dir, Piece, RegionCache};
 use crate::virtio_net::{emit_hdr, Negotiated, MAX_FRAME_LEN};
 
 /// Guest memory as the vhost-user backend sees it.
@@ -144,13 +142,14 @@ impl RxEngine {
             }
         }
         let caps = self.ring.params.caps;
+        let cache = RegionCache::new(mem);
         if caps.accepts(hdr) {
-            return self.ring.write_frame(mem, queue, frame, hdr);
+            return self.ring.write_frame(&cache, queue, frame, hdr);
         }
         let ring = &mut self.ring;
         self.seg
             .adapt(frame, hdr, caps, &mut |f, h| {
-                ring.write_frame(mem, queue, f, h)
+                ring.write_frame(&cache, queue, f, h)
             })
             .map(|_| ())
     }
@@ -170,7 +169,7 @@ impl RxEngine {
 impl RxRing {
     fn write_frame(
         &mut self,
-        mem: &GuestMemoryMmap,
+        cache: &RegionCache<'_>,
         queue: &mut Queue,
         frame: &dyn Frame,
         hdr: &NetHdr,
@@ -190,13 +189,12 @@ impl RxRing {
         let mut cap = 0usize;
         let mut bad = None;
         {
-            let mut iter = queue.iter(mem).map_err(|_| DropReason::Malformed)?;
+            let mut avail = AvailCursor::new(cache, queue).map_err(|_| DropReason::Malformed)?;
             while cap < need {
-                let Some(c) = iter.next() else { break };
-                let head = c.head_index();
+                let Some(head) = avail.next(queue) else { break };
                 let first = self.pieces.len();
-                match desc::walk_chain(
-                    mem,
+                match desc::walk_chain_in(
+                    cache,
                     desc_table,
                     size,
                     head,
@@ -223,7 +221,7 @@ impl RxRing {
             // Return every chain taken for this frame, unused, and drop the frame.
             for (k, ch) in self.chains.iter().enumerate() {
                 let slot = base.wrapping_add(k as u16);
-                desc::write_used_elem(mem, queue, slot, ch.head, 0)
+                desc::write_used_elem_in(cache, queue, slot, ch.head, 0)
                     .map_err(|_| DropReason::Malformed)?;
             }
             self.pending = self.pending.wrapping_add(self.chains.len() as u16);
@@ -248,7 +246,7 @@ impl RxRing {
                 if hdr_left.is_empty() && foff >= flen {
                     break;
                 }
-                let Ok(s) = mem.get_slice(GuestAddress(p.addr), p.len as usize) else {
+                let Some(s) = cache.slice(p.addr, p.len as usize) else {
                     break;
                 };
                 let mut off = 0usize;
@@ -270,7 +268,7 @@ impl RxRing {
             let slot = base.wrapping_add(k as u16);
             // written <= chain length <= u32::MAX (descriptor lengths are u32 and the walk
             // stops at the frame size here).
-            desc::write_used_elem(mem, queue, slot, ch.head, written as u32)
+            desc::write_used_elem_in(cache, queue, slot, ch.head, written as u32)
                 .map_err(|_| DropReason::Malformed)?;
         }
         self.pending = self.pending.wrapping_add(nb);
@@ -485,7 +483,12 @@ impl RxSink {
         };
         if rq.engine.pending() > 0 {
             if res.is_ok() {
-                self.dirty.fetch_or(1 << q, Ordering::AcqRel);
+                // Frames after the first of a batch find the bit set: skip the atomic RMW.
+                // (A concurrent flush clears it before it takes this queue's lock, which we
+                // hold, so a set bit here is always followed by a publish of this frame.)
+                if self.dirty.load(Ordering::Relaxed) & (1 << q) == 0 {
+                    self.dirty.fetch_or(1 << q, Ordering::AcqRel);
+                }
             } else {
                 // No flush follows a failed delivery: publish what was written now.
                 Self::publish_queue(rq);
@@ -575,7 +578,7 @@ mod tests {
     use crate::tx::tests::eth;
     use virtnet_switch::hdr::{FLAG_NEEDS_CSUM, GSO_TCPV4};
     use virtnet_switch::SliceFrame;
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn engine(acked: u64) -> RxEngine {
         RxEngine::new(RxParams::new(&Negotiated::new(acked)), RxFilter::new(None))

@@ -13,12 +13,12 @@
 //! during `forward`. A bad chain is counted as a drop on this port and still returned to the
 //! used ring (len 0) so the guest does not leak descriptors.
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use virtnet_switch::hdr::{GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
 use virtnet_switch::{DropReason, NetHdr, PortId, Switch, TxBatch};
 use vm_memory::GuestMemoryMmap;
 
-use crate::desc::{self, Dir, GuestFrame, Piece};
+use crate::desc::{self, Dir, GuestFrame, Piece, RegionCache};
 use crate::virtio_net::{parse_hdr, Negotiated, MAX_FRAME_LEN};
 
 /// Most chains handled per batch.
@@ -107,9 +107,20 @@ pub fn parse_tx_chain(
     p: &TxParams,
     pieces: &mut Vec<Piece>,
 ) -> std::result::Result<(NetHdr, usize), DropReason> {
+    parse_tx_chain_in(&RegionCache::new(mem), queue, head, p, pieces)
+}
+
+/// [`parse_tx_chain`] with a [`RegionCache`] built by the caller (once per batch).
+pub fn parse_tx_chain_in(
+    cache: &RegionCache<'_>,
+    queue: &Queue,
+    head: u16,
+    p: &TxParams,
+    pieces: &mut Vec<Piece>,
+) -> std::result::Result<(NetHdr, usize), DropReason> {
     pieces.clear();
-    let total = desc::walk_chain(
-        mem,
+    let total = desc::walk_chain_in(
+        cache,
         queue.desc_table(),
         queue.size(),
         head,
@@ -121,7 +132,7 @@ pub fn parse_tx_chain(
         return Err(DropReason::HeaderTruncated);
     }
     let mut raw = [0u8; 12];
-    if desc::read_pieces(mem, pieces, 0, &mut raw[..p.hdr_len]) != p.hdr_len {
+    if desc::read_pieces_in(cache, pieces, 0, &mut raw[..p.hdr_len]) != p.hdr_len {
         return Err(DropReason::HeaderTruncated);
     }
     let mut hdr = parse_hdr(&raw);
@@ -189,19 +200,11 @@ pub fn process_tx_queue(
     name: &str,
 ) -> Result<TxOutcome> {
     let mut out = TxOutcome::default();
+    let cache = RegionCache::new(mem);
     scratch.heads.clear();
-    let more = {
-        let mut iter = queue.iter(mem).map_err(Error::AvailRing)?;
-        for chain in iter.by_ref().take(TX_BATCH) {
-            scratch.heads.push(chain.head_index());
-        }
-        iter.next().is_some()
-    };
-    if more {
-        // We peeked one chain too many: give it back.
-        queue.go_to_previous_position();
-    }
-    out.more = more;
+    // The avail index is read once for the batch, then the entries.
+    out.more =
+        desc::pop_avail(&cache, queue, TX_BATCH, &mut scratch.heads).map_err(Error::AvailRing)?;
     if scratch.heads.is_empty() {
         return Ok(out);
     }
@@ -209,9 +212,9 @@ pub fn process_tx_queue(
     let base = queue.next_used();
     let mut result = Ok(());
     for (i, &head) in scratch.heads.iter().enumerate() {
-        match parse_tx_chain(mem, queue, head, params, &mut scratch.pieces) {
+        match parse_tx_chain_in(&cache, queue, head, params, &mut scratch.pieces) {
             Ok((hdr, len)) => {
-                let frame = GuestFrame::new(mem, &scratch.pieces, params.hdr_len, len);
+                let frame = GuestFrame::new(&cache, &scratch.pieces, params.hdr_len, len);
                 switch.forward(batch, port, &frame, &hdr);
             }
             Err(reason) => {
@@ -222,7 +225,7 @@ pub fn process_tx_queue(
         }
         // i < TX_BATCH, so the cast is lossless.
         let slot = base.wrapping_add(i as u16);
-        if let Err(e) = desc::write_used_elem(mem, queue, slot, head, 0) {
+        if let Err(e) = desc::write_used_elem_in(&cache, queue, slot, head, 0) {
             result = Err(Error::UsedRing(e));
             break;
         }
