@@ -371,6 +371,11 @@ struct TxQueue {
     indirect: Option<u64>,
     max_segs: usize,
     scratch: Vec<u8>,
+    /// Per-frame segment list, reused (a fresh `[Seg; MAX_TX_SEGS]` per frame cost more
+    /// than the rest of `enqueue`).
+    segs: Vec<Seg>,
+    /// Per-frame slot list, reused.
+    used_slots: Vec<u16>,
 }
 
 #[derive(Debug)]
@@ -1162,6 +1167,8 @@ impl TxQueue {
             indirect,
             max_segs,
             scratch: vec![0; MAX_FRAME_LEN],
+            segs: Vec::with_capacity(MAX_TX_SEGS),
+            used_slots: Vec::with_capacity(MAX_TX_SEGS),
         })
     }
 
@@ -1206,17 +1213,34 @@ impl TxQueue {
         if self.free_slots.len() < nseg || usize::from(self.vq.ring.num_free()) < need_descs {
             return Ok(false);
         }
+        let mut segs = std::mem::take(&mut self.segs);
+        let mut used_slots = std::mem::take(&mut self.used_slots);
+        segs.clear();
+        used_slots.clear();
+        let r = self.enqueue_segs(mem, hdr, frame, separate, nseg, &mut segs, &mut used_slots);
+        self.segs = segs;
+        self.used_slots = used_slots;
+        r
+    }
+
+    /// The body of [`TxQueue::enqueue`] once there is room, with its (empty) scratch lists.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_segs(
+        &mut self,
+        mem: &GuestMem,
+        hdr: &[u8],
+        frame: &[u8],
+        separate: bool,
+        nseg: usize,
+        segs: &mut Vec<Seg>,
+        used_slots: &mut Vec<u16>,
+    ) -> Result<bool> {
+        let indirect = self.indirect.filter(|_| nseg > 1);
         let slot = self.slot_size as usize;
-        let mut segs = [Seg {
-            addr: 0,
-            len: 0,
-            write: false,
-        }; MAX_TX_SEGS];
-        let mut used_slots = [0u16; MAX_TX_SEGS];
         let total = hdr.len() + frame.len();
         for k in 0..nseg {
             let s = self.free_slots.pop().unwrap_or_default();
-            used_slots[k] = s;
+            used_slots.push(s);
             let addr = self.slots + u64::from(s) * u64::from(self.slot_size);
             let (len, res) = if separate {
                 if k == 0 {
@@ -1247,11 +1271,11 @@ impl TxQueue {
                 return Err(e.into());
             }
             // len <= slot_size, a u32.
-            segs[k] = Seg {
+            segs.push(Seg {
                 addr,
                 len: len as u32,
                 write: false,
-            };
+            });
         }
         let added = match indirect {
             Some(base) => {

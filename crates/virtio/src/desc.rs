@@ -14,6 +14,11 @@
 //! touches guest memory by raw address; the pieces are turned into bounds-checked
 //! `VolatileSlice`s when the data is copied. Loops, overlong chains, bad indirect tables and
 //! out-of-range addresses are reported as a [`DropReason`], never a panic.
+//!
+//! The data path translates addresses through a [`RegionCache`] built once per batch (TX) or
+//! per delivery (RX): one `VolatileSlice` per memory region, and `subslice` (bounds-checked)
+//! per access, instead of `GuestMemoryMmap`'s region search and `Bytes` plumbing. The avail
+//! ring is read with an [`AvailCursor`]: the avail index once, then the entries.
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -25,8 +30,8 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::{Queue, QueueT};
 use virtnet_switch::{DropReason, Frame, Segment};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress, VolatileSlice,
+    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, VolatileMemory, VolatileSlice,
 };
 
 /// Errors of the ring primitives (a broken ring, as opposed to a bad chain).
@@ -126,15 +131,54 @@ impl<'a> RegionCache<'a> {
         self.mem.get_slice(GuestAddress(addr), len).ok()
     }
 
-    /// Read `N` bytes at `addr`.
+    /// Read `N` bytes at `addr` with one (unaligned) volatile load. A range that straddles two
+    /// adjacent regions is read through `GuestMemoryMmap` (as before the cache).
     #[inline]
-    pub fn read_array<const N: usize>(&self, addr: u64) -> Option<[u8; N]> {
-        let s = self.slice(addr, N)?;
-        let mut b = [0u8; N];
-        (s.copy_to(&mut b[..]) == N).then_some(b)
+    pub fn read_array<const N: usize>(&self, addr: u64) -> Option<[u8; N]>
+    where
+        [u8; N]: ByteValued,
+    {
+        if let Some(s) = self.slice(addr, N) {
+            if let Ok(r) = s.get_ref::<[u8; N]>(0) {
+                return Some(r.load());
+            }
+        }
+        self.read_array_slow(addr)
     }
 
-    /// Write `data` at `addr`; false when the range is not in one region.
+    #[cold]
+    #[inline(never)]
+    fn read_array_slow<const N: usize>(&self, addr: u64) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        self.mem.read_slice(&mut b, GuestAddress(addr)).ok()?;
+        Some(b)
+    }
+
+    /// Write `N` bytes at `addr` with one (unaligned) volatile store; false when the range is
+    /// not in guest memory. A range that straddles two adjacent regions is written through
+    /// `GuestMemoryMmap`.
+    #[inline]
+    pub fn write_array<const N: usize>(&self, addr: u64, data: [u8; N]) -> bool
+    where
+        [u8; N]: ByteValued,
+    {
+        if let Some(s) = self.slice(addr, N) {
+            if let Ok(r) = s.get_ref::<[u8; N]>(0) {
+                r.store(data);
+                return true;
+            }
+        }
+        self.write_slow(addr, &data)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn write_slow(&self, addr: u64, data: &[u8]) -> bool {
+        self.mem.write_slice(data, GuestAddress(addr)).is_ok()
+    }
+
+    /// Write `data` at `addr`; false when the range is not in guest memory (a range over two
+    /// adjacent regions is written through `GuestMemoryMmap`).
     #[inline]
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.slice(addr, data.len()) {
@@ -142,7 +186,7 @@ impl<'a> RegionCache<'a> {
                 s.copy_from(data);
                 true
             }
-            None => false,
+            None => self.write_slow(addr, data),
         }
     }
 }
@@ -154,16 +198,20 @@ impl<'a> RegionCache<'a> {
 /// than a queue size ahead (`InvalidAvailRingIndex`). An avail ring entry outside guest memory
 /// ends the iteration, as `AvailIter` does.
 #[derive(Debug)]
-pub struct AvailCursor<'a> {
+pub struct AvailCursor<'c, 'a> {
+    cache: &'c RegionCache<'a>,
+    /// The avail ring's entries, when they lie in one region.
     entries: Option<VolatileSlice<'a>>,
+    /// Guest address of entry 0.
+    ring: u64,
     idx: u16,
     size: u16,
 }
 
-impl<'a> AvailCursor<'a> {
+impl<'c, 'a> AvailCursor<'c, 'a> {
     /// Read the avail index of `queue`.
     pub fn new(
-        cache: &RegionCache<'a>,
+        cache: &'c RegionCache<'a>,
         queue: &Queue,
     ) -> std::result::Result<Self, virtio_queue::Error> {
         let ring = queue.avail_ring();
@@ -186,10 +234,17 @@ impl<'a> AvailCursor<'a> {
         if idx.wrapping_sub(queue.next_avail()) > size {
             return Err(virtio_queue::Error::InvalidAvailRingIndex);
         }
-        let entries = ring
+        let first = ring
             .checked_add(4)
-            .and_then(|a| cache.slice(a, usize::from(size) * 2));
-        Ok(AvailCursor { entries, idx, size })
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let entries = cache.slice(first, usize::from(size) * 2);
+        Ok(AvailCursor {
+            cache,
+            entries,
+            ring: first,
+            idx,
+            size,
+        })
     }
 
     /// Heads available beyond `queue.next_avail()` when the index was read.
@@ -205,11 +260,13 @@ impl<'a> AvailCursor<'a> {
             return None;
         }
         let off = usize::from(at % self.size.max(1)) * 2;
-        let e = self.entries.as_ref()?.subslice(off, 2).ok()?;
-        let mut b = [0u8; 2];
-        if e.copy_to(&mut b[..]) != 2 {
-            return None;
-        }
+        let b = match self.entries.as_ref() {
+            Some(e) => e.get_ref::<[u8; 2]>(off).ok()?.load(),
+            // A ring over two adjacent regions (or partly outside memory): entry by entry.
+            None => self
+                .cache
+                .read_array_slow::<2>(self.ring.checked_add(off as u64)?)?,
+        };
         queue.set_next_avail(at.wrapping_add(1));
         Some(u16::from_le_bytes(b))
     }
@@ -287,9 +344,16 @@ pub fn walk_chain_in(
         let at = table
             .checked_add(u64::from(idx) * 16)
             .ok_or(DropReason::BadAddress)?;
-        // One 16-byte copy per descriptor: { addr le64, len le32, flags le16, next le16 }.
-        let raw: [u8; 16] = cache.read_array(at).ok_or(DropReason::BadAddress)?;
-        let d = RawDesc::parse(&raw);
+        // Two 8-byte loads per descriptor: { addr le64 } { len le32, flags le16, next le16 }.
+        let d = match cache.slice(at, 16).and_then(|s| RawDesc::load(&s)) {
+            Some(d) => d,
+            // Not in one region: over two adjacent ones, or outside guest memory.
+            None => RawDesc::parse(
+                &cache
+                    .read_array_slow::<16>(at)
+                    .ok_or(DropReason::BadAddress)?,
+            ),
+        };
         let flags = u32::from(d.flags());
         if flags & VRING_DESC_F_INDIRECT != 0 {
             // Only one level, only as the last descriptor of the direct chain.
@@ -348,6 +412,22 @@ impl RawDesc {
             flags: u16::from_le_bytes([f0, f1]),
             next: u16::from_le_bytes([n0, n1]),
         }
+    }
+
+    /// Read a descriptor from the 16-byte `s` (unaligned volatile loads: an indirect table
+    /// need not be aligned).
+    #[inline]
+    fn load(s: &VolatileSlice<'_>) -> Option<Self> {
+        let addr = u64::from_le(s.get_ref::<u64>(0).ok()?.load());
+        let rest = u64::from_le(s.get_ref::<u64>(8).ok()?.load());
+        // Truncations pick the fields out of `rest`.
+        #[allow(clippy::cast_possible_truncation)]
+        Some(RawDesc {
+            addr,
+            len: rest as u32,
+            flags: (rest >> 32) as u16,
+            next: (rest >> 48) as u16,
+        })
     }
 
     fn addr(&self) -> u64 {
@@ -584,7 +664,7 @@ pub fn write_used_elem_in(
     let addr = queue.used_ring().checked_add(off).ok_or(Error::UsedRing(
         vm_memory::GuestMemoryError::InvalidBackendAddress,
     ))?;
-    if cache.write(addr, &b) {
+    if cache.write_array(addr, b) {
         Ok(())
     } else {
         Err(Error::UsedRing(
@@ -950,6 +1030,38 @@ pub(crate) mod tests {
             pop_avail(&cache, &mut q, 2, &mut heads),
             Err(virtio_queue::Error::InvalidAvailRingIndex)
         ));
+    }
+
+    #[test]
+    fn accesses_over_adjacent_regions_still_work() {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x10_0000), 0x10_0000),
+        ])
+        .unwrap();
+        let cache = RegionCache::new(&mem);
+        assert!(cache.slice(0x0f_fffc, 8).is_none(), "not in one region");
+        assert!(cache.write_array(0x0f_fffc, [1, 2, 3, 4, 5, 6, 7, 8]));
+        assert_eq!(
+            cache.read_array::<8>(0x0f_fffc),
+            Some([1, 2, 3, 4, 5, 6, 7, 8])
+        );
+        assert!(cache.write(0x0f_fffe, &[9, 9, 9, 9]));
+        assert_eq!(cache.read_array::<4>(0x0f_fffe), Some([9, 9, 9, 9]));
+        assert!(!cache.write_array(0x1f_fffc, [0u8; 8]), "past the end");
+        assert_eq!(cache.read_array::<8>(0x1f_fffc), None);
+        // An indirect table whose descriptor straddles the boundary.
+        let d = Driver::new(&mem, 8);
+        mem.write_obj(
+            RawDescriptor::from(Descriptor::new(0x5_0000, 60, 0, 0)),
+            GuestAddress(0x0f_fff8),
+        )
+        .unwrap();
+        d.put(0, 0x0f_fff8, 16, F_INDIRECT, 0);
+        let q = d.queue();
+        let mut out = Vec::new();
+        let n = walk_chain(&mem, q.desc_table(), 8, 0, Dir::Read, 1 << 20, &mut out).unwrap();
+        assert_eq!((n, out.len()), (60, 1));
     }
 
     #[test]

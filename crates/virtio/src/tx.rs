@@ -1,7 +1,8 @@
 //! The TX engine: drain a batch of guest TX chains into the switch.
 //!
 //! ```text
-//!   kick ─► for each head (≤ TX_BATCH):
+//!   kick ─► RegionCache (once) ─► avail idx read once, ≤ TX_BATCH heads
+//!           for each head:
 //!             walk chain (readable only, ≤ hdr + 65562 bytes) ─► pieces (per-worker Vec)
 //!             header: gather hdr_len bytes ─► NetHdr, validate offload metadata
 //!             GuestFrame { pieces, skip: hdr_len } ─► Switch::forward(batch, port, &frame, &hdr)
