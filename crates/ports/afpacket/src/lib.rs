@@ -99,8 +99,7 @@ pub const TX_SLOT_CAPACITY: usize = TX_FRAME_SIZE as usize - TPACKET3_HDR_LEN;
 pub const MAX_SEGMENTS: usize = 62;
 /// Most reader threads (`PACKET_FANOUT` sockets).
 pub const MAX_QUEUES: u16 = 16;
-/// Longest interface name.
-pub const MAX_IFNAME: usize = 15;
+pub use virtnet_port_sys::MAX_IFNAME;
 
 const ETH_ADDRS: usize = 12;
 const VLAN_TAG_LEN: usize = 4;
@@ -170,14 +169,7 @@ pub type Result<T> = std::result::Result<T, AfPacketError>;
 
 /// Check an interface name: 1..=15 bytes of `[A-Za-z0-9_.-]`.
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_IFNAME
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if virtnet_port_sys::valid_ifname(name) {
         Ok(())
     } else {
         Err(AfPacketError::BadName(name.to_string()))

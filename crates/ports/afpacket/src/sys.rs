@@ -6,9 +6,9 @@
 //! The rings are reached only through [`Mmap::slice`], a bounds-checked
 //! [`VolatileSlice`] over the whole mapping.
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+pub use virtnet_port_sys::{check, ifindex, poll_readable, unshare_netns};
 
 use vm_memory::VolatileSlice;
 
@@ -75,25 +75,6 @@ pub struct TpacketStatsV3 {
     pub drops: u32,
     /// Times the ring was frozen full.
     pub freeze_q_cnt: u32,
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// The index of interface `name` in this thread's network namespace.
-pub fn ifindex(name: &str) -> io::Result<libc::c_int> {
-    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `c` is a NUL-terminated string that lives for the call.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
-        return Err(io::Error::last_os_error());
-    }
-    libc::c_int::try_from(idx).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
 
 /// Is interface `name` administratively up (`IFF_UP`, via `SIOCGIFFLAGS`)?
@@ -345,32 +326,6 @@ pub unsafe fn sendmsg(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n.unsigned_abs())
-}
-
-/// Wait until one of `fds` is readable or `timeout_ms` passes; returns which are readable.
-pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
-    let mut p = fds.map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    // SAFETY: `p` is a live array of N pollfds for the call.
-    let ret = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
-    if ret < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok([false; N]);
-        }
-        return Err(e);
-    }
-    Ok(p.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
-}
-
-/// Move the calling thread into a new network namespace (tests; needs CAP_SYS_ADMIN).
-pub fn unshare_netns() -> io::Result<()> {
-    // SAFETY: unshare has no memory effects; it changes only this thread's namespace.
-    let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    check(ret).map(|_| ())
 }
 
 #[cfg(test)]

@@ -48,8 +48,7 @@ pub const MAX_FRAME: usize = 65_562;
 pub const MAX_SEGMENTS: usize = 63;
 /// Frames read per wake-up before the switch flushes.
 pub const READ_BATCH: usize = 64;
-/// Longest interface name.
-pub const MAX_IFNAME: usize = sys::IFNAMSIZ - 1;
+pub use virtnet_port_sys::MAX_IFNAME;
 
 /// Errors of creating a TAP port.
 #[derive(Debug, Error)]
@@ -78,14 +77,7 @@ pub type Result<T> = std::result::Result<T, TapError>;
 
 /// Check an interface name: 1..=15 bytes of `[A-Za-z0-9_.-]`.
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_IFNAME
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if virtnet_port_sys::valid_ifname(name) {
         Ok(())
     } else {
         Err(TapError::BadName(name.to_string()))

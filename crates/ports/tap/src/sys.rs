@@ -8,6 +8,7 @@ use std::ffi::CStr;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+pub use virtnet_port_sys::{check, enter_netns, ifindex, poll_readable, unshare_netns};
 
 /// `IFNAMSIZ`: interface names are at most 15 bytes plus the NUL.
 pub const IFNAMSIZ: usize = 16;
@@ -68,14 +69,6 @@ impl IfReq {
             .map(|c| c.to_ne_bytes()[0])
             .collect();
         String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
     }
 }
 
@@ -173,15 +166,6 @@ pub fn configure(name: &str, ip: Option<(Ipv4Addr, u8)>, mtu: Option<u32>) -> io
     ifreq_ioctl(&sock, libc::SIOCSIFFLAGS, &mut req)
 }
 
-/// The index of interface `name` in this thread's network namespace (`SIOCGIFINDEX`).
-pub fn ifindex(name: &str) -> io::Result<libc::c_int> {
-    let sock = inet_socket()?;
-    let mut req = IfReq::new(name)?;
-    ifreq_ioctl(&sock, libc::SIOCGIFINDEX, &mut req)?;
-    // SAFETY: SIOCGIFINDEX filled the union's int member.
-    Ok(unsafe { req.data.int })
-}
-
 /// `writev(2)`. The caller guarantees every iovec describes readable memory that stays valid
 /// for the call.
 ///
@@ -207,39 +191,4 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n.unsigned_abs())
-}
-
-/// Wait until one of `fds` is readable or `timeout_ms` passes; returns which are readable.
-pub fn poll_readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
-    let mut p = fds.map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    // SAFETY: `p` is a live array of N pollfds for the call.
-    let ret = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
-    if ret < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok([false; N]);
-        }
-        return Err(e);
-    }
-    Ok(p.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
-}
-
-/// Move the calling thread into a new network namespace (tests; needs CAP_SYS_ADMIN).
-pub fn unshare_netns() -> io::Result<()> {
-    // SAFETY: unshare has no memory effects; it changes only this thread's namespace.
-    let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    check(ret).map(|_| ())
-}
-
-/// Move the calling thread into the network namespace at `path` (e.g. `/run/netns/NAME`,
-/// made by `ip netns add`). For tests; needs CAP_SYS_ADMIN.
-pub fn enter_netns(path: &std::path::Path) -> io::Result<()> {
-    let f = std::fs::File::open(path)?;
-    // SAFETY: setns has no memory effects; `f` is an open namespace fd for the call.
-    let ret = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    check(ret).map(|_| ())
 }

@@ -1,0 +1,1711 @@
+//! The translation engine: guest frames in, host socket commands out, and back. No I/O.
+//!
+//! # Theory of operation
+//!
+//! The engine sits behind the gateway's MAC. It sees every frame a guest sends to the gateway
+//! and turns each guest flow into a *host socket* that the driver ([`crate::host`]) opens on
+//! its behalf, without root, TAP or packet filters:
+//!
+//! | guest sends                          | engine                                   | host side (driver)               |
+//! |--------------------------------------|------------------------------------------|----------------------------------|
+//! | ARP who-has gateway                  | smoltcp answers                          | –                                |
+//! | ICMP echo to the gateway             | smoltcp answers                          | –                                |
+//! | TCP SYN to D:p (new flow)            | holds the SYN, [`HostCmd::TcpConnect`]   | `TcpStream::connect(D':p)`       |
+//! |   … host connected                   | any-IP listen socket on D:p, SYN replayed | –                               |
+//! |   … host refused / policy denies     | SYN given to smoltcp with no socket: RST | –                                |
+//! | TCP data                             | smoltcp window; [`HostCmd::TcpSend`]     | `write_all`, then `TcpWritten`   |
+//! | TCP FIN (half-close)                 | [`HostCmd::TcpShutdown`]                 | `shutdown(Write)`                |
+//! | host data / EOF / reset              | `send_slice` / `close()` / `abort()`     | one read per [`HostCmd::TcpRead`] credit |
+//! | UDP to D:p                           | flow table, [`HostCmd::UdpSend`]         | a connected `UdpSocket` per flow |
+//! | UDP to gateway:53                    | the same, to the first host resolver     | (the DNS forwarder)              |
+//! | ICMP echo to D                       | [`HostCmd::Echo`]                        | an unprivileged ping socket      |
+//!
+//! `D'` is `D` after policy ([`NatPolicy::translate`]): the host-loopback alias maps to
+//! 127.0.0.1 when `host_loopback` is on; loopback, the subnet itself, broadcast and multicast
+//! are never reachable. UDP and ICMP flows expire after an idle timeout; every flow counts
+//! against a per-guest limit.
+//!
+//! The clock is a [`Duration`] since an arbitrary start that the caller passes in, so tests
+//! drive the engine with a simulated clock and a simulated host.
+//!
+//! Flow control on TCP: guest → host, at most [`MAX_INFLIGHT`] bytes may be handed to the
+//! driver and not yet written (the smoltcp receive window closes behind that); host → guest,
+//! the driver reads one chunk per credit and the engine grants the next credit when the chunk
+//! is inside smoltcp's send buffer.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SInstant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Cidr};
+use thiserror::Error;
+
+/// Bytes of guest → host TCP data handed to the driver and not yet written.
+pub const MAX_INFLIGHT: usize = 256 * 1024;
+/// smoltcp socket buffer sizes (each direction).
+pub const TCP_BUFFER: usize = 256 * 1024;
+/// Largest chunk moved per command.
+pub const CHUNK: usize = 64 * 1024;
+/// Default UDP idle timeout.
+pub const UDP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle timeout of DNS and ICMP flows.
+pub const SHORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive interval towards guests (s).
+pub const KEEPALIVE_SECS: u64 = 60;
+/// A guest connection with no answer for this long is aborted (s).
+pub const TCP_TIMEOUT_SECS: u64 = 300;
+/// Frames waiting for the engine at most (more are dropped).
+pub const RX_QUEUE: usize = 1024;
+
+const ETH_HDR: usize = 14;
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_ARP: u16 = 0x0806;
+const PROTO_ICMP: u8 = 1;
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const EPHEMERAL_FIRST: u16 = 49152;
+
+/// Errors of building an engine.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EngineError {
+    /// The gateway MAC is not a unicast address.
+    #[error("Gateway MAC must be unicast")]
+    BadMac,
+    /// The prefix length is not a usable IPv4 prefix.
+    #[error("Invalid prefix length {0}")]
+    BadPrefix(u8),
+}
+
+/// Identifies one flow between the engine and the driver.
+pub type FlowId = u64;
+
+/// What the engine asks the host side to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostCmd {
+    /// Open a TCP connection; answer with [`HostEvent::TcpConnected`] or [`HostEvent::TcpRefused`].
+    TcpConnect {
+        /// Flow.
+        id: FlowId,
+        /// Host destination (after policy).
+        dst: SocketAddr,
+    },
+    /// Write guest data; answer with [`HostEvent::TcpWritten`].
+    TcpSend {
+        /// Flow.
+        id: FlowId,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Read one chunk (up to [`CHUNK`]) and send it as [`HostEvent::TcpData`] or [`HostEvent::TcpEof`].
+    TcpRead {
+        /// Flow.
+        id: FlowId,
+    },
+    /// The guest half-closed: shut down the write side.
+    TcpShutdown {
+        /// Flow.
+        id: FlowId,
+    },
+    /// Forget the connection.
+    TcpClose {
+        /// Flow.
+        id: FlowId,
+        /// The guest side was reset: reset the host side too.
+        reset: bool,
+    },
+    /// Send a datagram on the flow's socket (opened on first use).
+    UdpSend {
+        /// Flow.
+        id: FlowId,
+        /// Host destination (after policy).
+        dst: SocketAddr,
+        /// Payload.
+        data: Vec<u8>,
+    },
+    /// Close the flow's UDP socket.
+    UdpClose {
+        /// Flow.
+        id: FlowId,
+    },
+    /// Send an ICMP echo request on the flow's ping socket (opened on first use).
+    Echo {
+        /// Flow.
+        id: FlowId,
+        /// Host destination (after policy).
+        dst: IpAddr,
+        /// Sequence number.
+        seq: u16,
+        /// Payload after the 8-byte ICMP header.
+        data: Vec<u8>,
+    },
+    /// Close the flow's ping socket.
+    EchoClose {
+        /// Flow.
+        id: FlowId,
+    },
+}
+
+/// What the host side tells the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostEvent {
+    /// The host connection is open.
+    TcpConnected {
+        /// Flow.
+        id: FlowId,
+    },
+    /// The host connection could not be opened.
+    TcpRefused {
+        /// Flow.
+        id: FlowId,
+    },
+    /// Bytes written to the host socket.
+    TcpWritten {
+        /// Flow.
+        id: FlowId,
+        /// How many.
+        n: usize,
+    },
+    /// A chunk read from the host socket.
+    TcpData {
+        /// Flow.
+        id: FlowId,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The host closed its write side.
+    TcpEof {
+        /// Flow.
+        id: FlowId,
+    },
+    /// The host connection failed or was reset.
+    TcpReset {
+        /// Flow.
+        id: FlowId,
+    },
+    /// A host client connected to a port forward: open a connection to `guest`.
+    TcpInbound {
+        /// Flow (chosen by the driver; must not collide with engine ids: use the upper half).
+        id: FlowId,
+        /// The guest service.
+        guest: SocketAddrV4,
+    },
+    /// A datagram arrived for the flow.
+    UdpRecv {
+        /// Flow.
+        id: FlowId,
+        /// Payload.
+        data: Vec<u8>,
+    },
+    /// A datagram from a host client of a UDP port forward.
+    UdpInbound {
+        /// Flow (chosen by the driver, upper half).
+        id: FlowId,
+        /// The guest service.
+        guest: SocketAddrV4,
+        /// Payload.
+        data: Vec<u8>,
+    },
+    /// An echo reply arrived for the flow.
+    EchoReply {
+        /// Flow.
+        id: FlowId,
+        /// Sequence number.
+        seq: u16,
+        /// Payload after the ICMP header.
+        data: Vec<u8>,
+    },
+}
+
+/// Flow ids at or above this are the driver's (port forwards).
+pub const DRIVER_IDS: FlowId = 1 << 63;
+
+/// Addresses and rules of the NAT network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatPolicy {
+    /// The gateway's MAC.
+    pub mac: [u8; 6],
+    /// The gateway's address on the guests' subnet.
+    pub gateway: Ipv4Addr,
+    /// Prefix length of the subnet.
+    pub prefix_len: u8,
+    /// The guest-visible address that maps to the host's 127.0.0.1 (`host_loopback`), if any.
+    pub host_loopback: Option<Ipv4Addr>,
+    /// Host resolvers the DNS forwarder (gateway:53) relays to.
+    pub dns: Vec<SocketAddr>,
+    /// Most flows (TCP + UDP + ICMP) one guest address may have.
+    pub max_flows_per_guest: usize,
+    /// UDP idle timeout.
+    pub udp_timeout: Duration,
+}
+
+impl NatPolicy {
+    /// A gateway at `gateway`/`prefix_len` with MAC `mac`, no loopback access, no resolvers.
+    pub fn new(mac: [u8; 6], gateway: Ipv4Addr, prefix_len: u8) -> Self {
+        NatPolicy {
+            mac,
+            gateway,
+            prefix_len,
+            host_loopback: None,
+            dns: Vec::new(),
+            max_flows_per_guest: 4096,
+            udp_timeout: UDP_TIMEOUT,
+        }
+    }
+
+    fn in_subnet(&self, a: Ipv4Addr) -> bool {
+        let bits = u32::from(self.prefix_len.min(32));
+        let mask = if bits == 0 {
+            0
+        } else {
+            u32::MAX << (32 - bits)
+        };
+        u32::from(a) & mask == u32::from(self.gateway) & mask
+    }
+
+    /// Where a guest flow to `dst:port` goes on the host, or `None` if policy forbids it.
+    pub fn translate(&self, udp: bool, dst: Ipv4Addr, port: u16) -> Option<SocketAddr> {
+        if udp && dst == self.gateway && port == 53 {
+            return self.dns.first().copied();
+        }
+        if Some(dst) == self.host_loopback {
+            return Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port));
+        }
+        if dst.is_loopback()
+            || dst.is_unspecified()
+            || dst.is_broadcast()
+            || dst.is_multicast()
+            || self.in_subnet(dst)
+        {
+            return None;
+        }
+        Some(SocketAddr::new(dst.into(), port))
+    }
+}
+
+/// Counters of the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatStats {
+    /// Open TCP flows.
+    pub tcp_flows: usize,
+    /// Open UDP flows.
+    pub udp_flows: usize,
+    /// Open ICMP echo flows.
+    pub icmp_flows: usize,
+    /// Flows refused by policy.
+    pub denied: u64,
+    /// Flows refused by the per-guest limit.
+    pub over_limit: u64,
+    /// Frames that did not parse or that the engine does not handle.
+    pub dropped: u64,
+}
+
+/// A translation engine: the gateway's L2-to-L4 logic, replaceable (e.g. by a passt-style
+/// translator that maps TCP sequence numbers instead of terminating connections).
+pub trait Engine: Send {
+    /// A frame from a guest, addressed to the gateway's MAC or broadcast.
+    fn guest_frame(&mut self, now: Duration, frame: &[u8]);
+    /// Something happened on the host side.
+    fn host_event(&mut self, now: Duration, ev: HostEvent);
+    /// Do the work due at `now`: frames for the guests go to `out`, commands to `cmds`.
+    fn poll(&mut self, now: Duration, out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>);
+    /// When `poll` must run next at the latest, if anything is pending.
+    fn poll_at(&mut self, now: Duration) -> Option<Duration>;
+    /// Close every flow (the port is going away): resets to the guests, closes on the host.
+    fn close_all(&mut self, out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>);
+    /// Counters.
+    fn stats(&self) -> NatStats;
+}
+
+/// smoltcp's view of the gateway's link: frames queued in, frames queued out.
+#[derive(Default)]
+struct Link {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+
+struct RxTok(Vec<u8>);
+struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl smoltcp::phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl smoltcp::phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        self.0.push_back(buf);
+        r
+    }
+}
+
+impl Device for Link {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok<'a>;
+
+    fn receive(&mut self, _t: SInstant) -> Option<(RxTok, TxTok<'_>)> {
+        let f = self.rx.pop_front()?;
+        Some((RxTok(f), TxTok(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _t: SInstant) -> Option<TxTok<'_>> {
+        Some(TxTok(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ethernet;
+        c.max_transmission_unit = 1514;
+        c
+    }
+}
+
+type Key = (SocketAddrV4, SocketAddrV4);
+
+struct TcpFlow {
+    key: Key,
+    handle: Option<SocketHandle>,
+    syn: Option<Vec<u8>>,
+    inflight: usize,
+    pending: Vec<u8>,
+    pending_off: usize,
+    credit_out: bool,
+    established: bool,
+    host_eof: bool,
+    fin_sent: bool,
+    shutdown_sent: bool,
+    host_reset: bool,
+    aborted: bool,
+}
+
+struct UdpFlow {
+    key: Key,
+    guest_mac: [u8; 6],
+    dst: SocketAddr,
+    last: Duration,
+    timeout: Duration,
+    inbound: bool,
+}
+
+struct EchoFlow {
+    guest: Ipv4Addr,
+    guest_mac: [u8; 6],
+    /// The destination as the guest sees it (replies come from it).
+    dst: Ipv4Addr,
+    /// The destination on the host.
+    host: Ipv4Addr,
+    ident: u16,
+    last: Duration,
+}
+
+/// The engine on smoltcp: one any-IP [`Interface`] terminates guest TCP; UDP and ICMP echo
+/// are translated directly.
+pub struct SmolEngine {
+    policy: NatPolicy,
+    iface: Interface,
+    link: Link,
+    sockets: SocketSet<'static>,
+    tcp: HashMap<FlowId, TcpFlow>,
+    tcp_keys: HashMap<Key, FlowId>,
+    udp: HashMap<FlowId, UdpFlow>,
+    udp_keys: HashMap<Key, FlowId>,
+    echo: HashMap<FlowId, EchoFlow>,
+    echo_keys: HashMap<(Ipv4Addr, Ipv4Addr, u16), FlowId>,
+    per_guest: HashMap<Ipv4Addr, usize>,
+    frames: VecDeque<Vec<u8>>,
+    pending_cmds: Vec<HostCmd>,
+    now: Duration,
+    next_id: FlowId,
+    next_port: u16,
+    stats: NatStats,
+}
+
+fn sinstant(now: Duration) -> SInstant {
+    SInstant::from_micros(i64::try_from(now.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn ip4(b: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
+}
+
+/// Internet checksum over `parts`, folded and complemented.
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut odd: Option<u8> = None;
+    for p in parts {
+        for &b in p.iter() {
+            match odd.take() {
+                None => odd = Some(b),
+                Some(h) => sum += u32::from(u16::from_be_bytes([h, b])),
+            }
+        }
+    }
+    if let Some(h) = odd {
+        sum += u32::from(u16::from_be_bytes([h, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Build Ethernet + IPv4 + `l4` (whose checksum field at `csum_at` is filled in; with the
+/// pseudo-header when `pseudo`).
+fn ipv4_frame(
+    (dst_mac, src_mac): ([u8; 6], [u8; 6]),
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    l4: &mut [u8],
+    csum_at: usize,
+    pseudo: bool,
+) -> Option<Vec<u8>> {
+    let total = u16::try_from(20 + l4.len()).ok()?;
+    let l4_len = u16::try_from(l4.len()).ok()?;
+    l4[csum_at] = 0;
+    l4[csum_at + 1] = 0;
+    let c = if pseudo {
+        let ph = [
+            &src.octets()[..],
+            &dst.octets()[..],
+            &[0, proto],
+            &l4_len.to_be_bytes(),
+        ]
+        .concat();
+        let c = checksum(&[&ph, l4]);
+        if c == 0 && proto == PROTO_UDP {
+            0xffff
+        } else {
+            c
+        }
+    } else {
+        checksum(&[l4])
+    };
+    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::with_capacity(ETH_HDR + 20 + l4.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let hc = checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&hc.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(l4);
+    Some(f)
+}
+
+impl SmolEngine {
+    /// An engine for `policy`, its smoltcp randomness seeded with `seed`.
+    pub fn new(policy: NatPolicy, seed: u64) -> Result<Self, EngineError> {
+        if policy.prefix_len > 30 {
+            return Err(EngineError::BadPrefix(policy.prefix_len));
+        }
+        let mac = EthernetAddress(policy.mac);
+        if !mac.is_unicast() {
+            return Err(EngineError::BadMac);
+        }
+        let mut link = Link::default();
+        let mut cfg = Config::new(HardwareAddress::Ethernet(mac));
+        cfg.random_seed = seed;
+        let mut iface = Interface::new(cfg, &mut link, SInstant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            // Capacity is at least one address: cannot fail.
+            let _ = a.push(IpCidr::Ipv4(Ipv4Cidr::new(
+                policy.gateway,
+                policy.prefix_len,
+            )));
+        });
+        iface.set_any_ip(true);
+        // Any-IP only accepts destinations routed via one of our own addresses.
+        let _ = iface.routes_mut().add_default_ipv4_route(policy.gateway);
+        Ok(SmolEngine {
+            policy,
+            iface,
+            link,
+            sockets: SocketSet::new(Vec::new()),
+            tcp: HashMap::new(),
+            tcp_keys: HashMap::new(),
+            udp: HashMap::new(),
+            udp_keys: HashMap::new(),
+            echo: HashMap::new(),
+            echo_keys: HashMap::new(),
+            per_guest: HashMap::new(),
+            frames: VecDeque::new(),
+            pending_cmds: Vec::new(),
+            now: Duration::ZERO,
+            next_id: 1,
+            next_port: EPHEMERAL_FIRST,
+            stats: NatStats::default(),
+        })
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &NatPolicy {
+        &self.policy
+    }
+
+    fn alloc_id(&mut self) -> FlowId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn admit(&mut self, guest: Ipv4Addr) -> bool {
+        let n = self.per_guest.entry(guest).or_insert(0);
+        if *n >= self.policy.max_flows_per_guest {
+            self.stats.over_limit += 1;
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release(&mut self, guest: Ipv4Addr) {
+        if let Some(n) = self.per_guest.get_mut(&guest) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_guest.remove(&guest);
+            }
+        }
+    }
+
+    fn feed_stack(&mut self, frame: &[u8]) {
+        if self.link.rx.len() < RX_QUEUE {
+            self.link.rx.push_back(frame.to_vec());
+        } else {
+            self.stats.dropped += 1;
+        }
+    }
+
+    fn new_tcp_socket() -> tcp::Socket<'static> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        s.set_nagle_enabled(false);
+        // A guest that vanished (port removed, VM killed) is detected by keep-alives.
+        s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(KEEPALIVE_SECS)));
+        s.set_timeout(Some(smoltcp::time::Duration::from_secs(TCP_TIMEOUT_SECS)));
+        s
+    }
+
+    fn udp_frame(
+        &self,
+        mac: [u8; 6],
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        data: &[u8],
+    ) -> Option<Vec<u8>> {
+        let len = u16::try_from(8 + data.len()).ok()?;
+        let mut l4 = Vec::with_capacity(8 + data.len());
+        l4.extend_from_slice(&src.port().to_be_bytes());
+        l4.extend_from_slice(&dst.port().to_be_bytes());
+        l4.extend_from_slice(&len.to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+        l4.extend_from_slice(data);
+        ipv4_frame(
+            (mac, self.policy.mac),
+            *src.ip(),
+            *dst.ip(),
+            PROTO_UDP,
+            &mut l4,
+            6,
+            true,
+        )
+    }
+
+    fn handle_udp(
+        &mut self,
+        now: Duration,
+        src_mac: [u8; 6],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        l4: &[u8],
+    ) {
+        if l4.len() < 8 {
+            self.stats.dropped += 1;
+            return;
+        }
+        let (sp, dp) = (be16(l4, 0), be16(l4, 2));
+        let ulen = usize::from(be16(l4, 4));
+        if ulen < 8 || ulen > l4.len() {
+            self.stats.dropped += 1;
+            return;
+        }
+        let data = &l4[8..ulen];
+        let key = (SocketAddrV4::new(src, sp), SocketAddrV4::new(dst, dp));
+        let id = match self.udp_keys.get(&key) {
+            Some(&id) => id,
+            None => {
+                let Some(host) = self.policy.translate(true, dst, dp) else {
+                    self.stats.denied += 1;
+                    return;
+                };
+                if !self.admit(src) {
+                    return;
+                }
+                let id = self.alloc_id();
+                let timeout = if dp == 53 {
+                    SHORT_TIMEOUT
+                } else {
+                    self.policy.udp_timeout
+                };
+                self.udp.insert(
+                    id,
+                    UdpFlow {
+                        key,
+                        guest_mac: src_mac,
+                        dst: host,
+                        last: now,
+                        timeout,
+                        inbound: false,
+                    },
+                );
+                self.udp_keys.insert(key, id);
+                id
+            }
+        };
+        if let Some(f) = self.udp.get_mut(&id) {
+            f.last = now;
+            f.guest_mac = src_mac;
+            let cmd = HostCmd::UdpSend {
+                id,
+                dst: f.dst,
+                data: data.to_vec(),
+            };
+            self.pending_cmds.push(cmd);
+        }
+    }
+
+    fn handle_echo(
+        &mut self,
+        now: Duration,
+        src_mac: [u8; 6],
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        l4: &[u8],
+    ) {
+        // Echo request: type 8, code 0, checksum, ident, seq.
+        if l4.len() < 8 || l4[0] != 8 || l4[1] != 0 {
+            self.stats.dropped += 1;
+            return;
+        }
+        let (ident, seq) = (be16(l4, 4), be16(l4, 6));
+        let key = (src, dst, ident);
+        let id = match self.echo_keys.get(&key) {
+            Some(&id) => id,
+            None => {
+                let Some(host) = self.policy.translate(false, dst, 0) else {
+                    self.stats.denied += 1;
+                    return;
+                };
+                if !self.admit(src) {
+                    return;
+                }
+                let id = self.alloc_id();
+                let hip = match host.ip() {
+                    IpAddr::V4(a) => a,
+                    IpAddr::V6(_) => return,
+                };
+                self.echo.insert(
+                    id,
+                    EchoFlow {
+                        guest: src,
+                        guest_mac: src_mac,
+                        dst,
+                        host: hip,
+                        ident,
+                        last: now,
+                    },
+                );
+                self.echo_keys.insert(key, id);
+                id
+            }
+        };
+        if let Some(f) = self.echo.get_mut(&id) {
+            f.last = now;
+            f.guest_mac = src_mac;
+            let cmd = HostCmd::Echo {
+                id,
+                dst: IpAddr::V4(f.host),
+                seq,
+                data: l4[8..].to_vec(),
+            };
+            self.pending_cmds.push(cmd);
+        }
+    }
+
+    fn handle_tcp(&mut self, frame: &[u8], src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8]) {
+        if l4.len() < 20 {
+            self.stats.dropped += 1;
+            return;
+        }
+        let (sp, dp) = (be16(l4, 0), be16(l4, 2));
+        let flags = l4[13];
+        let (syn, ack, rst) = (flags & 0x02 != 0, flags & 0x10 != 0, flags & 0x04 != 0);
+        let key = (SocketAddrV4::new(src, sp), SocketAddrV4::new(dst, dp));
+        if let Some(&id) = self.tcp_keys.get(&key) {
+            if self.tcp.get(&id).is_some_and(|f| f.handle.is_none()) {
+                // Still connecting on the host: a retransmitted SYN waits with the first.
+                return;
+            }
+            self.feed_stack(frame);
+            return;
+        }
+        if !syn || ack || rst {
+            // No flow: smoltcp answers with a reset.
+            self.feed_stack(frame);
+            return;
+        }
+        let Some(host) = self.policy.translate(false, dst, dp) else {
+            self.stats.denied += 1;
+            self.feed_stack(frame);
+            return;
+        };
+        if !self.admit(src) {
+            self.feed_stack(frame);
+            return;
+        }
+        let id = self.alloc_id();
+        self.tcp.insert(id, TcpFlow::new(key, Some(frame.to_vec())));
+        self.tcp_keys.insert(key, id);
+        self.pending_cmds
+            .push(HostCmd::TcpConnect { id, dst: host });
+    }
+
+    fn remove_tcp(&mut self, id: FlowId) -> Option<TcpFlow> {
+        let f = self.tcp.remove(&id)?;
+        self.tcp_keys.remove(&f.key);
+        if let Some(h) = f.handle {
+            self.sockets.remove(h);
+        }
+        let guest = if id >= DRIVER_IDS {
+            *f.key.1.ip()
+        } else {
+            *f.key.0.ip()
+        };
+        self.release(guest);
+        Some(f)
+    }
+
+    /// Move data between smoltcp sockets and the host side; retire finished flows.
+    fn splice(&mut self) {
+        let mut done = Vec::new();
+        for (&id, f) in self.tcp.iter_mut() {
+            let Some(h) = f.handle else { continue };
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if f.host_reset {
+                if !f.aborted {
+                    // Removed on a later pass, once smoltcp has sent the reset.
+                    f.aborted = true;
+                    s.abort();
+                } else {
+                    done.push((id, false));
+                }
+                continue;
+            }
+            if !f.established && s.may_send() {
+                f.established = true;
+            }
+            // Guest → host.
+            while s.can_recv() && f.inflight < MAX_INFLIGHT {
+                let room = (MAX_INFLIGHT - f.inflight).min(CHUNK);
+                let mut buf = vec![0u8; room.min(s.recv_queue())];
+                match s.recv_slice(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        buf.truncate(n);
+                        f.inflight += n;
+                        self.pending_cmds.push(HostCmd::TcpSend { id, data: buf });
+                    }
+                    _ => break,
+                }
+            }
+            if !f.shutdown_sent
+                && !s.can_recv()
+                && matches!(
+                    s.state(),
+                    tcp::State::CloseWait
+                        | tcp::State::LastAck
+                        | tcp::State::Closing
+                        | tcp::State::TimeWait
+                )
+            {
+                f.shutdown_sent = true;
+                self.pending_cmds.push(HostCmd::TcpShutdown { id });
+            }
+            // Host → guest.
+            if f.pending_off < f.pending.len() && s.may_send() {
+                if let Ok(n) = s.send_slice(&f.pending[f.pending_off..]) {
+                    f.pending_off += n;
+                }
+            }
+            if f.pending_off >= f.pending.len() {
+                f.pending.clear();
+                f.pending_off = 0;
+                if f.established && !f.host_eof && !f.credit_out && s.may_send() {
+                    f.credit_out = true;
+                    self.pending_cmds.push(HostCmd::TcpRead { id });
+                }
+                if f.host_eof && !f.fin_sent {
+                    f.fin_sent = true;
+                    s.close();
+                }
+            }
+            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                let clean = f.fin_sent && f.shutdown_sent;
+                done.push((id, !clean && !f.host_reset));
+            }
+        }
+        for (id, reset) in done {
+            if self.remove_tcp(id).is_some() {
+                self.pending_cmds.push(HostCmd::TcpClose { id, reset });
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Duration) {
+        let old: Vec<FlowId> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| now.saturating_sub(f.last) >= f.timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in old {
+            if let Some(f) = self.udp.remove(&id) {
+                self.udp_keys.remove(&f.key);
+                let guest = if f.inbound {
+                    *f.key.1.ip()
+                } else {
+                    *f.key.0.ip()
+                };
+                self.release(guest);
+                self.pending_cmds.push(HostCmd::UdpClose { id });
+            }
+        }
+        let old: Vec<FlowId> = self
+            .echo
+            .iter()
+            .filter(|(_, f)| now.saturating_sub(f.last) >= SHORT_TIMEOUT)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in old {
+            if let Some(f) = self.echo.remove(&id) {
+                self.echo_keys.remove(&(f.guest, f.dst, f.ident));
+                self.release(f.guest);
+                self.pending_cmds.push(HostCmd::EchoClose { id });
+            }
+        }
+    }
+
+    fn ephemeral(&mut self) -> u16 {
+        let p = self.next_port;
+        self.next_port = if p == u16::MAX {
+            EPHEMERAL_FIRST
+        } else {
+            p + 1
+        };
+        p
+    }
+}
+
+impl TcpFlow {
+    fn new(key: Key, syn: Option<Vec<u8>>) -> Self {
+        TcpFlow {
+            key,
+            handle: None,
+            syn,
+            inflight: 0,
+            pending: Vec::new(),
+            pending_off: 0,
+            credit_out: false,
+            established: false,
+            host_eof: false,
+            fin_sent: false,
+            shutdown_sent: false,
+            host_reset: false,
+            aborted: false,
+        }
+    }
+}
+
+impl Engine for SmolEngine {
+    fn guest_frame(&mut self, now: Duration, frame: &[u8]) {
+        if frame.len() < ETH_HDR {
+            self.stats.dropped += 1;
+            return;
+        }
+        let mut src_mac = [0u8; 6];
+        src_mac.copy_from_slice(&frame[6..12]);
+        match be16(frame, 12) {
+            ETHERTYPE_ARP => {
+                // Only ARP about the gateway (and the host-loopback alias): any-IP smoltcp would
+                // answer for every address.
+                let a = &frame[ETH_HDR..];
+                let ours =
+                    |t: Ipv4Addr| t == self.policy.gateway || Some(t) == self.policy.host_loopback;
+                if a.len() >= 28 && ours(ip4(a, 24)) {
+                    self.feed_stack(frame);
+                }
+            }
+            ETHERTYPE_IPV4 => {
+                let ip = &frame[ETH_HDR..];
+                if ip.len() < 20 || ip[0] >> 4 != 4 {
+                    self.stats.dropped += 1;
+                    return;
+                }
+                let ihl = usize::from(ip[0] & 0xf) * 4;
+                let total = usize::from(be16(ip, 2));
+                if ihl < 20 || total < ihl || total > ip.len() {
+                    self.stats.dropped += 1;
+                    return;
+                }
+                // Fragments (MF set or an offset) are not translated.
+                if be16(ip, 6) & 0x3fff != 0 {
+                    self.stats.dropped += 1;
+                    return;
+                }
+                let (src, dst, proto) = (ip4(ip, 12), ip4(ip, 16), ip[9]);
+                if !self.policy.in_subnet(src) || src == self.policy.gateway {
+                    self.stats.dropped += 1;
+                    return;
+                }
+                let l4 = &ip[ihl..total];
+                match proto {
+                    PROTO_UDP => self.handle_udp(now, src_mac, src, dst, l4),
+                    PROTO_ICMP if dst == self.policy.gateway => self.feed_stack(frame),
+                    PROTO_ICMP => self.handle_echo(now, src_mac, src, dst, l4),
+                    PROTO_TCP => self.handle_tcp(frame, src, dst, l4),
+                    _ => self.stats.dropped += 1,
+                }
+            }
+            _ => self.stats.dropped += 1,
+        }
+    }
+
+    fn host_event(&mut self, now: Duration, ev: HostEvent) {
+        match ev {
+            HostEvent::TcpConnected { id } => {
+                let Some(f) = self.tcp.get_mut(&id) else {
+                    return;
+                };
+                let Some(syn) = f.syn.take() else { return };
+                let mut s = Self::new_tcp_socket();
+                let ep = IpEndpoint::new(IpAddress::Ipv4(*f.key.1.ip()), f.key.1.port());
+                if s.listen(ep).is_err() {
+                    self.remove_tcp(id);
+                    self.pending_cmds
+                        .push(HostCmd::TcpClose { id, reset: true });
+                    return;
+                }
+                f.handle = Some(self.sockets.add(s));
+                self.feed_stack(&syn);
+                // Let the new socket take its SYN now: a listening socket accepts any remote,
+                // and another flow to the same endpoint may get its own socket next.
+                self.iface
+                    .poll(sinstant(now), &mut self.link, &mut self.sockets);
+            }
+            HostEvent::TcpRefused { id } => {
+                if let Some(mut f) = self.remove_tcp(id) {
+                    if let Some(syn) = f.syn.take() {
+                        // No socket listens: smoltcp resets the guest's connection.
+                        self.feed_stack(&syn);
+                    }
+                }
+            }
+            HostEvent::TcpWritten { id, n } => {
+                if let Some(f) = self.tcp.get_mut(&id) {
+                    f.inflight = f.inflight.saturating_sub(n);
+                }
+            }
+            HostEvent::TcpData { id, data } => {
+                if let Some(f) = self.tcp.get_mut(&id) {
+                    f.credit_out = false;
+                    f.pending.extend_from_slice(&data);
+                }
+            }
+            HostEvent::TcpEof { id } => {
+                if let Some(f) = self.tcp.get_mut(&id) {
+                    f.credit_out = false;
+                    f.host_eof = true;
+                }
+            }
+            HostEvent::TcpReset { id } => {
+                if let Some(f) = self.tcp.get_mut(&id) {
+                    if f.handle.is_none() {
+                        self.host_event(now, HostEvent::TcpRefused { id });
+                    } else {
+                        f.host_reset = true;
+                    }
+                }
+            }
+            HostEvent::TcpInbound { id, guest } => {
+                if !self.admit(*guest.ip()) {
+                    self.pending_cmds
+                        .push(HostCmd::TcpClose { id, reset: true });
+                    return;
+                }
+                let local = SocketAddrV4::new(self.policy.gateway, self.ephemeral());
+                let mut s = Self::new_tcp_socket();
+                let remote = IpEndpoint::new(IpAddress::Ipv4(*guest.ip()), guest.port());
+                let lep = IpEndpoint::new(IpAddress::Ipv4(*local.ip()), local.port());
+                if s.connect(self.iface.context(), remote, lep).is_err() {
+                    self.release(*guest.ip());
+                    self.pending_cmds
+                        .push(HostCmd::TcpClose { id, reset: true });
+                    return;
+                }
+                let key = (local, guest);
+                let mut f = TcpFlow::new(key, None);
+                f.handle = Some(self.sockets.add(s));
+                self.tcp.insert(id, f);
+                self.tcp_keys.insert((guest, local), id);
+            }
+            HostEvent::UdpRecv { id, data } => {
+                let Some(f) = self.udp.get_mut(&id) else {
+                    return;
+                };
+                f.last = now;
+                let (mac, from, to) = if f.inbound {
+                    (f.guest_mac, f.key.0, f.key.1)
+                } else {
+                    (f.guest_mac, f.key.1, f.key.0)
+                };
+                if let Some(fr) = self.udp_frame(mac, from, to, &data) {
+                    self.frames.push_back(fr);
+                }
+            }
+            HostEvent::UdpInbound { id, guest, data } => {
+                if !self.udp.contains_key(&id) {
+                    if !self.admit(*guest.ip()) {
+                        return;
+                    }
+                    let local = SocketAddrV4::new(self.policy.gateway, self.ephemeral());
+                    // Replies come from the guest to (gateway, port): key them that way.
+                    self.udp_keys.insert((guest, local), id);
+                    self.udp.insert(
+                        id,
+                        UdpFlow {
+                            key: (local, guest),
+                            guest_mac: [0xff; 6],
+                            dst: SocketAddr::V4(local),
+                            last: now,
+                            timeout: self.policy.udp_timeout,
+                            inbound: true,
+                        },
+                    );
+                }
+                self.host_event(now, HostEvent::UdpRecv { id, data });
+            }
+            HostEvent::EchoReply { id, seq, data } => {
+                let Some(f) = self.echo.get_mut(&id) else {
+                    return;
+                };
+                f.last = now;
+                let mut l4 = Vec::with_capacity(8 + data.len());
+                l4.extend_from_slice(&[0, 0, 0, 0]);
+                l4.extend_from_slice(&f.ident.to_be_bytes());
+                l4.extend_from_slice(&seq.to_be_bytes());
+                l4.extend_from_slice(&data);
+                let (mac, g, d) = (f.guest_mac, f.guest, f.dst);
+                if let Some(fr) =
+                    ipv4_frame((mac, self.policy.mac), d, g, PROTO_ICMP, &mut l4, 2, false)
+                {
+                    self.frames.push_back(fr);
+                }
+            }
+        }
+    }
+
+    fn poll(&mut self, now: Duration, out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>) {
+        self.now = now;
+        let t = sinstant(now);
+        for _ in 0..4 {
+            self.iface.poll(t, &mut self.link, &mut self.sockets);
+            self.splice();
+            if self.link.rx.is_empty() {
+                self.iface.poll(t, &mut self.link, &mut self.sockets);
+                break;
+            }
+        }
+        self.splice();
+        self.expire(now);
+        // Outbound UDP replies addressed by the guest (inbound forwards) go to the driver.
+        while let Some(f) = self.link.tx.pop_front() {
+            out(&f);
+        }
+        while let Some(f) = self.frames.pop_front() {
+            out(&f);
+        }
+        cmds.append(&mut self.pending_cmds);
+        self.stats.tcp_flows = self.tcp.len();
+        self.stats.udp_flows = self.udp.len();
+        self.stats.icmp_flows = self.echo.len();
+    }
+
+    fn poll_at(&mut self, now: Duration) -> Option<Duration> {
+        let t = sinstant(now);
+        let mut at = self
+            .iface
+            .poll_at(t, &self.sockets)
+            .map(|i| Duration::from_micros(u64::try_from(i.total_micros()).unwrap_or(0)));
+        if !self.link.rx.is_empty() || !self.pending_cmds.is_empty() || !self.frames.is_empty() {
+            at = Some(now);
+        }
+        let timers = self
+            .udp
+            .values()
+            .map(|f| f.last + f.timeout)
+            .chain(self.echo.values().map(|f| f.last + SHORT_TIMEOUT))
+            .min();
+        match (at, timers) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn close_all(&mut self, out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>) {
+        let ids: Vec<FlowId> = self.tcp.keys().copied().collect();
+        for id in ids {
+            if let Some(f) = self.tcp.get(&id) {
+                if let Some(h) = f.handle {
+                    self.sockets.get_mut::<tcp::Socket>(h).abort();
+                }
+            }
+        }
+        self.iface
+            .poll(sinstant(self.now), &mut self.link, &mut self.sockets);
+        let ids: Vec<FlowId> = self.tcp.keys().copied().collect();
+        for id in ids {
+            self.remove_tcp(id);
+            self.pending_cmds
+                .push(HostCmd::TcpClose { id, reset: true });
+        }
+        for (id, _) in self.udp.drain() {
+            self.pending_cmds.push(HostCmd::UdpClose { id });
+        }
+        for (id, _) in self.echo.drain() {
+            self.pending_cmds.push(HostCmd::EchoClose { id });
+        }
+        self.udp_keys.clear();
+        self.echo_keys.clear();
+        self.per_guest.clear();
+        while let Some(f) = self.link.tx.pop_front() {
+            out(&f);
+        }
+        cmds.append(&mut self.pending_cmds);
+    }
+
+    fn stats(&self) -> NatStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+    const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+    const G_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 15];
+    const OUT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
+    const STEP: Duration = Duration::from_millis(10);
+
+    /// A guest (a second smoltcp stack) wired back to back with the engine, on a simulated
+    /// clock.
+    struct Sim {
+        eng: SmolEngine,
+        g: Interface,
+        link: Link,
+        sockets: SocketSet<'static>,
+        now: Duration,
+        cmds: Vec<HostCmd>,
+        to_guest: Vec<Vec<u8>>,
+    }
+
+    fn policy() -> NatPolicy {
+        let mut p = NatPolicy::new(GW_MAC, GW, 24);
+        p.dns = vec!["127.0.0.1:5353".parse().unwrap()];
+        p
+    }
+
+    impl Sim {
+        fn new(p: NatPolicy) -> Self {
+            let eng = SmolEngine::new(p, 7).unwrap();
+            let mut link = Link::default();
+            let mut cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(G_MAC)));
+            cfg.random_seed = 11;
+            let mut g = Interface::new(cfg, &mut link, SInstant::from_millis(0));
+            g.update_ip_addrs(|a| {
+                a.push(IpCidr::Ipv4(Ipv4Cidr::new(GUEST, 24))).unwrap();
+            });
+            g.routes_mut().add_default_ipv4_route(GW).unwrap();
+            Sim {
+                eng,
+                g,
+                link,
+                sockets: SocketSet::new(Vec::new()),
+                now: Duration::ZERO,
+                cmds: Vec::new(),
+                to_guest: Vec::new(),
+            }
+        }
+
+        fn step(&mut self) {
+            let t = sinstant(self.now);
+            self.g.poll(t, &mut self.link, &mut self.sockets);
+            while let Some(f) = self.link.tx.pop_front() {
+                self.eng.guest_frame(self.now, &f);
+            }
+            let mut out = Vec::new();
+            self.eng.poll(
+                self.now,
+                &mut |f: &[u8]| out.push(f.to_vec()),
+                &mut self.cmds,
+            );
+            for f in out {
+                self.to_guest.push(f.clone());
+                self.link.rx.push_back(f);
+            }
+            self.g.poll(t, &mut self.link, &mut self.sockets);
+            self.now += STEP;
+        }
+
+        fn run(&mut self, n: usize) {
+            for _ in 0..n {
+                self.step();
+            }
+        }
+
+        fn take(&mut self) -> Vec<HostCmd> {
+            std::mem::take(&mut self.cmds)
+        }
+
+        fn sock(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+            self.sockets.get_mut::<tcp::Socket>(h)
+        }
+
+        fn connect(&mut self, dst: Ipv4Addr, port: u16) -> SocketHandle {
+            self.connect_from(dst, port, 40000)
+        }
+
+        fn connect_from(&mut self, dst: Ipv4Addr, port: u16, local: u16) -> SocketHandle {
+            let s = SmolEngine::new_tcp_socket();
+            let h = self.sockets.add(s);
+            let cx = self.g.context();
+            self.sockets
+                .get_mut::<tcp::Socket>(h)
+                .connect(cx, (IpAddress::Ipv4(dst), port), local)
+                .unwrap();
+            h
+        }
+
+        fn event(&mut self, ev: HostEvent) {
+            self.eng.host_event(self.now, ev);
+        }
+    }
+
+    fn connect_id(cmds: &[HostCmd]) -> (FlowId, SocketAddr) {
+        cmds.iter()
+            .find_map(|c| match c {
+                HostCmd::TcpConnect { id, dst } => Some((*id, *dst)),
+                _ => None,
+            })
+            .expect("a TcpConnect")
+    }
+
+    fn established(sim: &mut Sim) -> (SocketHandle, FlowId) {
+        let h = sim.connect(OUT, 80);
+        sim.run(3);
+        let cmds = sim.take();
+        let (id, dst) = connect_id(&cmds);
+        assert_eq!(dst, SocketAddr::new(OUT.into(), 80));
+        // The SYN is held until the host connects.
+        assert_eq!(sim.sock(h).state(), tcp::State::SynSent);
+        sim.event(HostEvent::TcpConnected { id });
+        sim.run(3);
+        assert_eq!(sim.sock(h).state(), tcp::State::Established);
+        assert!(sim.take().contains(&HostCmd::TcpRead { id }));
+        (h, id)
+    }
+
+    #[test]
+    fn tcp_open_data_half_close() {
+        let mut sim = Sim::new(policy());
+        let (h, id) = established(&mut sim);
+        // Guest → host.
+        sim.sock(h).send_slice(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        sim.run(3);
+        let sent: Vec<u8> = sim
+            .take()
+            .into_iter()
+            .filter_map(|c| match c {
+                HostCmd::TcpSend { id: i, data } if i == id => Some(data),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(sent, b"GET / HTTP/1.0\r\n\r\n");
+        sim.event(HostEvent::TcpWritten { id, n: sent.len() });
+        // Host → guest; the next credit follows.
+        sim.event(HostEvent::TcpData {
+            id,
+            data: b"HTTP/1.0 200 OK\r\n".to_vec(),
+        });
+        sim.run(3);
+        let mut buf = [0u8; 64];
+        let n = sim.sock(h).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.0 200 OK\r\n");
+        assert!(sim.take().contains(&HostCmd::TcpRead { id }));
+        // Guest half-closes: the host's write side is shut down, the other way stays open.
+        sim.sock(h).close();
+        sim.run(3);
+        assert!(sim.take().contains(&HostCmd::TcpShutdown { id }));
+        sim.event(HostEvent::TcpData {
+            id,
+            data: b"late".to_vec(),
+        });
+        sim.run(3);
+        let n = sim.sock(h).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"late");
+        // Host EOF: FIN to the guest, and the flow ends cleanly.
+        sim.event(HostEvent::TcpEof { id });
+        sim.run(5);
+        assert!(matches!(
+            sim.sock(h).state(),
+            tcp::State::TimeWait | tcp::State::Closed
+        ));
+        assert!(sim.take().contains(&HostCmd::TcpClose { id, reset: false }));
+        assert_eq!(sim.eng.stats().tcp_flows, 0);
+    }
+
+    #[test]
+    fn two_flows_to_one_endpoint_connected_together_stay_apart() {
+        let mut sim = Sim::new(policy());
+        let h1 = sim.connect_from(OUT, 80, 41001);
+        let h2 = sim.connect_from(OUT, 80, 41002);
+        sim.run(3);
+        let ids: Vec<FlowId> = sim
+            .take()
+            .iter()
+            .filter_map(|c| match c {
+                HostCmd::TcpConnect { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 2);
+        // Both host connections complete in the same batch.
+        sim.event(HostEvent::TcpConnected { id: ids[1] });
+        sim.event(HostEvent::TcpConnected { id: ids[0] });
+        sim.run(3);
+        sim.sock(h1).send_slice(b"one").unwrap();
+        sim.sock(h2).send_slice(b"two").unwrap();
+        sim.run(3);
+        let sends: Vec<(FlowId, Vec<u8>)> = sim
+            .take()
+            .into_iter()
+            .filter_map(|c| match c {
+                HostCmd::TcpSend { id, data } => Some((id, data)),
+                _ => None,
+            })
+            .collect();
+        // Flow ids follow the order of the guest's SYNs.
+        assert!(sends.contains(&(ids[0], b"one".to_vec())), "{sends:?}");
+        assert!(sends.contains(&(ids[1], b"two".to_vec())), "{sends:?}");
+    }
+
+    #[test]
+    fn tcp_refused_and_denied_get_reset() {
+        let mut sim = Sim::new(policy());
+        let h = sim.connect(OUT, 81);
+        sim.run(3);
+        let (id, _) = connect_id(&sim.take());
+        sim.event(HostEvent::TcpRefused { id });
+        sim.run(3);
+        assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+        // Loopback and the subnet itself are never reachable; no host socket is opened.
+        let h2 = sim.connect(Ipv4Addr::LOCALHOST, 22);
+        let h3 = sim.connect(GW, 22);
+        sim.run(3);
+        assert_eq!(sim.sock(h2).state(), tcp::State::Closed);
+        assert_eq!(sim.sock(h3).state(), tcp::State::Closed);
+        assert!(!sim
+            .take()
+            .iter()
+            .any(|c| matches!(c, HostCmd::TcpConnect { .. })));
+        assert_eq!(sim.eng.stats().denied, 2);
+    }
+
+    #[test]
+    fn host_loopback_maps_an_address_to_localhost() {
+        let mut p = policy();
+        p.host_loopback = Some(GW);
+        let mut sim = Sim::new(p);
+        sim.connect(GW, 8080);
+        sim.run(3);
+        let (_, dst) = connect_id(&sim.take());
+        assert_eq!(dst, "127.0.0.1:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn tcp_host_reset_resets_the_guest() {
+        let mut sim = Sim::new(policy());
+        let (h, id) = established(&mut sim);
+        sim.event(HostEvent::TcpReset { id });
+        sim.run(3);
+        assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+        assert_eq!(sim.eng.stats().tcp_flows, 0);
+    }
+
+    #[test]
+    fn tcp_window_bounds_unwritten_data() {
+        let mut sim = Sim::new(policy());
+        let (h, id) = established(&mut sim);
+        let data = vec![7u8; 200_000];
+        let mut total = 0;
+        let mut off = 0;
+        for _ in 0..400 {
+            if off < data.len() {
+                off += sim.sock(h).send_slice(&data[off..]).unwrap();
+            }
+            sim.step();
+            for c in sim.take() {
+                if let HostCmd::TcpSend { data, .. } = c {
+                    total += data.len();
+                }
+            }
+        }
+        assert_eq!(total, 200_000);
+        // Nothing was acknowledged as written yet: more data must stall at MAX_INFLIGHT.
+        let more = vec![1u8; MAX_INFLIGHT];
+        let mut off = 0;
+        for _ in 0..400 {
+            if off < more.len() {
+                off += sim.sock(h).send_slice(&more[off..]).unwrap_or(0);
+            }
+            sim.step();
+            for c in sim.take() {
+                if let HostCmd::TcpSend { data, .. } = c {
+                    total += data.len();
+                }
+            }
+        }
+        assert_eq!(total, MAX_INFLIGHT);
+        sim.event(HostEvent::TcpWritten { id, n: total });
+        sim.run(50);
+        let rest: usize = sim
+            .take()
+            .into_iter()
+            .map(|c| match c {
+                HostCmd::TcpSend { data, .. } => data.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(rest > 0);
+    }
+
+    fn guest_udp(dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&u16::try_from(8 + data.len()).unwrap().to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+        l4.extend_from_slice(data);
+        ipv4_frame((GW_MAC, G_MAC), GUEST, dst, PROTO_UDP, &mut l4, 6, true).unwrap()
+    }
+
+    #[test]
+    fn udp_flows_dns_and_timeouts() {
+        let mut sim = Sim::new(policy());
+        sim.eng
+            .guest_frame(sim.now, &guest_udp(OUT, 5000, 7, b"ping"));
+        sim.eng
+            .guest_frame(sim.now, &guest_udp(OUT, 5000, 7, b"again"));
+        sim.eng
+            .guest_frame(sim.now, &guest_udp(GW, 5001, 53, b"query"));
+        sim.step();
+        let cmds = sim.take();
+        let sends: Vec<_> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                HostCmd::UdpSend { id, dst, data } => Some((*id, *dst, data.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sends.len(), 3);
+        assert_eq!(sends[0].0, sends[1].0, "one flow for one 4-tuple");
+        assert_eq!(sends[0].1, SocketAddr::new(OUT.into(), 7));
+        assert_eq!(sends[2].1, "127.0.0.1:5353".parse().unwrap(), "DNS relayed");
+        // A reply comes back with the guest's view of the addresses.
+        sim.to_guest.clear();
+        sim.event(HostEvent::UdpRecv {
+            id: sends[0].0,
+            data: b"pong".to_vec(),
+        });
+        sim.event(HostEvent::UdpRecv {
+            id: sends[2].0,
+            data: b"answer".to_vec(),
+        });
+        sim.step();
+        let f = &sim.to_guest[0];
+        assert_eq!(&f[..6], &G_MAC);
+        assert_eq!(ip4(f, 26), OUT);
+        assert_eq!(ip4(f, 30), GUEST);
+        assert_eq!((be16(f, 34), be16(f, 36)), (7, 5000));
+        assert_eq!(&f[42..], b"pong");
+        // UDP checksum verifies (pseudo-header + segment sums to 0xffff → complement 0).
+        let mut ph = Vec::new();
+        ph.extend_from_slice(&f[26..34]);
+        ph.extend_from_slice(&[0, PROTO_UDP]);
+        ph.extend_from_slice(&f[38..40]);
+        assert_eq!(checksum(&[&ph, &f[34..]]), 0);
+        let d = &sim.to_guest[1];
+        assert_eq!((ip4(d, 26), be16(d, 34)), (GW, 53));
+        // The DNS flow expires after 10 s idle, the other after 60 s.
+        sim.now += SHORT_TIMEOUT;
+        sim.step();
+        assert_eq!(sim.take(), vec![HostCmd::UdpClose { id: sends[2].0 }]);
+        sim.now += UDP_TIMEOUT;
+        sim.step();
+        assert_eq!(sim.take(), vec![HostCmd::UdpClose { id: sends[0].0 }]);
+        assert_eq!(sim.eng.stats().udp_flows, 0);
+    }
+
+    #[test]
+    fn per_guest_flow_limit() {
+        let mut p = policy();
+        p.max_flows_per_guest = 1;
+        let mut sim = Sim::new(p);
+        sim.eng.guest_frame(sim.now, &guest_udp(OUT, 1, 7, b"a"));
+        sim.eng.guest_frame(sim.now, &guest_udp(OUT, 2, 7, b"b"));
+        sim.step();
+        assert_eq!(sim.take().len(), 1);
+        assert_eq!(sim.eng.stats().over_limit, 1);
+        // UDP to loopback is denied by policy.
+        sim.eng
+            .guest_frame(sim.now, &guest_udp(Ipv4Addr::LOCALHOST, 1, 7, b"c"));
+        assert_eq!(sim.eng.stats().denied, 1);
+    }
+
+    #[test]
+    fn icmp_echo_through_the_host() {
+        let mut sim = Sim::new(policy());
+        let mut l4 = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1, b'x', b'y'];
+        let f = ipv4_frame((GW_MAC, G_MAC), GUEST, OUT, PROTO_ICMP, &mut l4, 2, false).unwrap();
+        sim.eng.guest_frame(sim.now, &f);
+        sim.step();
+        let cmds = sim.take();
+        let HostCmd::Echo { id, dst, seq, data } = &cmds[0] else {
+            panic!("{cmds:?}")
+        };
+        assert_eq!(
+            (*dst, *seq, data.as_slice()),
+            (IpAddr::V4(OUT), 1, &b"xy"[..])
+        );
+        sim.to_guest.clear();
+        sim.event(HostEvent::EchoReply {
+            id: *id,
+            seq: 1,
+            data: b"xy".to_vec(),
+        });
+        sim.step();
+        let r = &sim.to_guest[0];
+        assert_eq!((ip4(r, 26), ip4(r, 30)), (OUT, GUEST));
+        assert_eq!(
+            &r[34..],
+            &[0, 0, r[36], r[37], 0x12, 0x34, 0, 1, b'x', b'y']
+        );
+        assert_eq!(checksum(&[&r[34..]]), 0);
+        sim.now += SHORT_TIMEOUT;
+        sim.step();
+        assert_eq!(sim.take(), vec![HostCmd::EchoClose { id: *id }]);
+    }
+
+    #[test]
+    fn inbound_forward_connects_to_the_guest() {
+        let mut sim = Sim::new(policy());
+        let mut s = SmolEngine::new_tcp_socket();
+        s.listen(22).unwrap();
+        let h = sim.sockets.add(s);
+        let id = DRIVER_IDS + 1;
+        sim.event(HostEvent::TcpInbound {
+            id,
+            guest: SocketAddrV4::new(GUEST, 22),
+        });
+        sim.run(5);
+        assert_eq!(sim.sock(h).state(), tcp::State::Established);
+        assert!(sim.take().contains(&HostCmd::TcpRead { id }));
+        sim.event(HostEvent::TcpData {
+            id,
+            data: b"SSH-2.0".to_vec(),
+        });
+        sim.run(3);
+        let mut buf = [0u8; 16];
+        let n = sim.sock(h).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"SSH-2.0");
+    }
+
+    #[test]
+    fn close_all_resets_guests_and_closes_host_sockets() {
+        let mut sim = Sim::new(policy());
+        let (h, id) = established(&mut sim);
+        sim.eng.guest_frame(sim.now, &guest_udp(OUT, 1, 7, b"a"));
+        sim.step();
+        let udp_id = match &sim.take()[..] {
+            [HostCmd::UdpSend { id, .. }] => *id,
+            c => panic!("{c:?}"),
+        };
+        let mut out = Vec::new();
+        let mut cmds = Vec::new();
+        sim.eng
+            .close_all(&mut |f: &[u8]| out.push(f.to_vec()), &mut cmds);
+        assert!(cmds.contains(&HostCmd::TcpClose { id, reset: true }));
+        assert!(cmds.contains(&HostCmd::UdpClose { id: udp_id }));
+        for f in out {
+            sim.link.rx.push_back(f);
+        }
+        sim.g
+            .poll(sinstant(sim.now), &mut sim.link, &mut sim.sockets);
+        assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+    }
+
+    #[test]
+    fn arp_only_for_the_gateway() {
+        let mut sim = Sim::new(policy());
+        let arp = |target: Ipv4Addr| {
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&G_MAC);
+            f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            f.extend_from_slice(&G_MAC);
+            f.extend_from_slice(&GUEST.octets());
+            f.extend_from_slice(&[0; 6]);
+            f.extend_from_slice(&target.octets());
+            f
+        };
+        sim.eng
+            .guest_frame(sim.now, &arp(Ipv4Addr::new(10, 0, 2, 16)));
+        sim.step();
+        assert!(sim.to_guest.is_empty());
+        sim.eng.guest_frame(sim.now, &arp(GW));
+        sim.step();
+        assert_eq!(sim.to_guest.len(), 1);
+        assert_eq!(&sim.to_guest[0][22..28], &GW_MAC);
+    }
+}

@@ -1,0 +1,37 @@
+//! # virtnet-port-nat: the NAT gateway port
+//!
+//! NAT is VMware's VMnet8 and QEMU's user networking: guests live on a private subnet behind
+//! a virtual gateway, and their connections leave through the host's own sockets (no root,
+//! no TAP, no packet filter). Nothing reaches in unless a port is forwarded.
+//!
+//! ```text
+//!  guests ─► Switch ─► NatSink::deliver (gateway MAC / broadcast only, offloads completed)
+//!                        │ bounded queue
+//!                        ▼
+//!               driver thread (tokio, current-thread)            host
+//!               ┌───────────────────────────────┐        ┌──────────────────┐
+//!               │ Engine (sans I/O, smoltcp)     │ HostCmd│ TcpStream        │
+//!               │  guest_frame / host_event ────►├───────►│ UdpSocket        │
+//!               │  poll ─► frames to the switch  │◄───────┤ ping socket      │
+//!               └───────────────────────────────┘HostEvent└──────────────────┘
+//! ```
+//!
+//! Limits of this version: IPv4 only (IPv6 frames are counted as dropped); frames are
+//! copied into owned buffers between the switch and the engine (a few allocations per frame;
+//! a buffer pool is the next step); the engine runs on one thread per network.
+//!
+//! Module map:
+//! - [`engine`]: the [`Engine`] trait and [`SmolEngine`], its smoltcp implementation (no I/O,
+//!   simulated clock in tests).
+//! - [`host`]: the tokio driver that runs an engine against real host sockets.
+//! - [`port`]: [`NatPort`], the switch port.
+
+#![deny(missing_docs)]
+
+pub mod engine;
+pub mod host;
+pub mod port;
+
+pub use engine::{Engine, HostCmd, HostEvent, NatPolicy, NatStats, SmolEngine};
+pub use host::{Forward, ForwardProto};
+pub use port::{NatConfig, NatError, NatPort};

@@ -1,0 +1,200 @@
+//! [`NatPort`]: the NAT gateway as a port on the switch, with its driver thread.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use virtnet_switch::gso::Segmenter;
+use virtnet_switch::{
+    DropReason, Frame, MacAddr, NetHdr, OffloadCaps, PortConfig, PortId, PortSink, SliceFrame,
+    Switch,
+};
+
+use crate::engine::{EngineError, NatPolicy, SmolEngine, RX_QUEUE};
+use crate::host::{Driver, Forward, FrameOut, Inbox};
+
+/// Errors of starting the gateway.
+#[derive(Debug, Error)]
+pub enum NatError {
+    /// The engine rejects the policy.
+    #[error("Invalid NAT policy")]
+    Engine(#[source] EngineError),
+    /// A runtime, thread or forward socket cannot be set up.
+    #[error("Cannot start the NAT gateway")]
+    Io(#[source] io::Error),
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, NatError>;
+
+/// How the gateway joins the switch and what it does.
+#[derive(Clone, Debug)]
+pub struct NatConfig {
+    /// Port name on the switch.
+    pub name: String,
+    /// Access VLAN.
+    pub vlan: Option<u16>,
+    /// Addresses and rules.
+    pub policy: NatPolicy,
+    /// Port forwards.
+    pub forwards: Vec<Forward>,
+}
+
+struct NatSink {
+    mac: MacAddr,
+    inbox: Arc<Inbox>,
+    seg: Mutex<Segmenter>,
+    dropped: AtomicU64,
+}
+
+impl PortSink for NatSink {
+    fn deliver(&self, frame: &dyn Frame, hdr: &NetHdr) -> std::result::Result<(), DropReason> {
+        let mut dst = [0u8; 6];
+        if frame.read_at(0, &mut dst) < 6 {
+            return Err(DropReason::FrameTooShort);
+        }
+        let dst = MacAddr(dst);
+        if dst != self.mac && !dst.is_broadcast() {
+            return Ok(());
+        }
+        let mut seg = self.seg.lock().unwrap_or_else(|e| e.into_inner());
+        let inbox = &self.inbox;
+        let r = seg.adapt(
+            frame,
+            hdr,
+            OffloadCaps::NONE,
+            &mut |f: &dyn Frame, _h: &NetHdr| {
+                let mut q = inbox.frames.lock().unwrap_or_else(|e| e.into_inner());
+                if q.len() >= RX_QUEUE {
+                    return Err(DropReason::NoRxBuffers);
+                }
+                let mut v = vec![0u8; f.len()];
+                f.read_at(0, &mut v);
+                q.push_back(v);
+                Ok(())
+            },
+        );
+        drop(seg);
+        match r {
+            Ok(_) => {
+                self.inbox.notify.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+}
+
+struct SwitchOut {
+    switch: Arc<Switch>,
+    port: PortId,
+}
+
+impl FrameOut for SwitchOut {
+    fn send(&mut self, frames: &[Vec<u8>]) {
+        let mut batch = self.switch.new_batch();
+        self.switch.begin(&mut batch);
+        for f in frames {
+            self.switch
+                .forward(&mut batch, self.port, &SliceFrame(f), &NetHdr::default());
+        }
+        self.switch.end(&mut batch);
+    }
+}
+
+/// The NAT gateway running as a port of a switch.
+pub struct NatPort {
+    switch: Arc<Switch>,
+    port: PortId,
+    mac: MacAddr,
+    inbox: Arc<Inbox>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NatPort {
+    /// Join `switch`, bind the forwards and start the driver thread.
+    pub fn start(switch: Arc<Switch>, config: NatConfig) -> Result<NatPort> {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mac = MacAddr(config.policy.mac);
+        let engine = SmolEngine::new(config.policy.clone(), seed).map_err(NatError::Engine)?;
+        let inbox = Arc::new(Inbox::default());
+        let sink = Arc::new(NatSink {
+            mac,
+            inbox: inbox.clone(),
+            seg: Mutex::new(Segmenter::new()),
+            dropped: AtomicU64::new(0),
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NatError::Io)?;
+        let mut driver = Driver::new(Box::new(engine), config.forwards.clone());
+        rt.block_on(driver.bind()).map_err(NatError::Io)?;
+        let port = switch.add_port(
+            PortConfig {
+                name: config.name.clone(),
+                vlan: config.vlan,
+            },
+            sink,
+        );
+        let out = Box::new(SwitchOut {
+            switch: switch.clone(),
+            port,
+        });
+        let ib = inbox.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("nat-{}", config.name))
+            .spawn(move || rt.block_on(driver.run(ib, out)));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                switch.remove_port(port);
+                return Err(NatError::Io(e));
+            }
+        };
+        Ok(NatPort {
+            switch,
+            port,
+            mac,
+            inbox,
+            thread: Some(thread),
+        })
+    }
+
+    /// The gateway's port on the switch.
+    pub fn port_id(&self) -> PortId {
+        self.port
+    }
+
+    /// The gateway's MAC.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// Close every flow, leave the switch and stop the thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.inbox.stop.store(true, Ordering::Release);
+            self.inbox.notify.notify_one();
+            let _ = t.join();
+            self.switch.remove_port(self.port);
+        }
+    }
+}
+
+impl Drop for NatPort {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
