@@ -8,8 +8,9 @@ use crate::config::{self, Config, DEFAULT_CONTROL_SOCKET};
 
 /// virtnetd: virtio-net devices for VMs (vhost-user) on software switches.
 ///
-/// Without --config it runs one internal network "default" with two ports,
-/// /run/virtnet/default-0.sock and default-1.sock, and prints the QEMU options to attach VMs.
+/// Without --config it runs one NAT network "default" (10.0.2.0/24, DHCP, DNS and gateway at
+/// 10.0.2.2, like VMware's VMnet8) with two ports, /run/virtnet/default-0.sock and
+/// default-1.sock, and prints the QEMU options to attach VMs.
 #[derive(Parser, Debug, Clone, Default, PartialEq, Eq)]
 #[command(name = "virtnetd", version, about, long_about)]
 pub struct Args {

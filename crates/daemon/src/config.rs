@@ -11,7 +11,7 @@
 //!
 //! [[network]]
 //! name = "lab"
-//! mode = "internal"          # internal | host-only | bridged | null (tests); nat: not yet
+//! mode = "internal"          # internal | host-only | nat | bridged | null (tests)
 //! # subnet, dhcp, host_interface, ipv6_prefix: see mode_hostonly
 //! # uplink, uplink_vlan, uplink_queues: see mode_bridged
 //! mtu = 1500                 # optional, 68..=65535
@@ -233,6 +233,15 @@ pub enum Error {
         #[source]
         source: crate::mode_hostonly::NetError,
     },
+    /// A network's NAT keys are wrong.
+    #[error("{key}")]
+    Nat {
+        /// The key, e.g. `network[0].nat`.
+        key: String,
+        /// Why.
+        #[source]
+        source: crate::mode_nat::NatError,
+    },
     /// A network's bridged keys are wrong (uplink, uplink_vlan, uplink_queues).
     #[error("{key}")]
     Bridged {
@@ -301,7 +310,7 @@ pub struct NetworkConfig {
     pub name: String,
     /// `internal` (VMs only), or `null` (internal plus a port that swallows frames; for tests).
     /// `host-only` (a host TAP + DHCP, see [`crate::mode_hostonly`]); `bridged` (an AF_PACKET
-    /// uplink, see [`crate::mode_bridged`]); `nat` is known but not implemented yet.
+    /// uplink, see [`crate::mode_bridged`]); `nat` (a NAT gateway, see [`crate::mode_nat`]).
     pub mode: String,
     /// MTU offered to the guests (VIRTIO_NET_F_MTU).
     #[serde(default = "default_mtu")]
@@ -330,6 +339,9 @@ pub struct NetworkConfig {
     /// Reader threads on the uplink (PACKET_FANOUT), default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink_queues: Option<u32>,
+    /// NAT gateway settings of a `nat` network (see [`crate::mode_nat`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<crate::mode_nat::NatSpec>,
     /// Guest ports, `[[network.port]]` in the file.
     #[serde(default, rename = "port")]
     pub ports: Vec<PortSpec>,
@@ -408,6 +420,7 @@ impl NetworkConfig {
             uplink: None,
             uplink_vlan: None,
             uplink_queues: None,
+            nat: None,
         }
     }
 
@@ -428,7 +441,8 @@ impl NetworkConfig {
 impl Default for Config {
     /// One internal network "default" with two ports under /run/virtnet.
     fn default() -> Self {
-        let mut net = NetworkConfig::internal("default");
+        // A NAT network with DHCP, like VMware's VMnet8 (see crate::mode_nat).
+        let mut net = crate::mode_nat::default_network("default");
         for i in 0..2u8 {
             let mut port = PortSpec::new(format!("/run/virtnet/default-{i}.sock"));
             port.mac = Some(MacAddr([0x52, 0x54, 0, 0, 0, i + 1]).to_string());
@@ -653,7 +667,14 @@ impl Config {
                 }
             }
         }
-        crate::mode_hostonly::validate_all(&self.networks)
+        crate::mode_nat::validate_all(&self.networks)
+            .map_err(|(key, source)| Error::Nat { key, source })?;
+        let effective: Vec<NetworkConfig> = self
+            .networks
+            .iter()
+            .map(crate::mode_nat::effective)
+            .collect();
+        crate::mode_hostonly::validate_all(&effective)
             .map_err(|(key, source)| Error::Network { key, source })?;
         crate::mode_bridged::validate_all(&self.networks)
             .map_err(|(key, source)| Error::Bridged { key, source })?;

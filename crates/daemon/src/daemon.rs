@@ -338,16 +338,18 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_mode_fails_to_start() {
+    fn nat_mode_starts_with_gateway_and_services() {
         let dir = TempDir::new().unwrap();
-        let e = Daemon::start(config(&dir, "nat", 1)).err().unwrap();
-        assert_matches!(
-            e,
-            DaemonError::Mode {
-                source: ModeError::NotImplemented(_),
-                ..
-            }
-        );
+        let mut c = config(&dir, "nat", 1);
+        c.networks[0].dhcp = Some(crate::mode_hostonly::DhcpSpec {
+            lease_file: Some(dir.path().join("t.leases")),
+            ..Default::default()
+        });
+        let d = Daemon::start(c).unwrap();
+        let s = d.stats();
+        assert_eq!(s.networks[0].mode, "nat");
+        assert!(s.networks[0].ports.iter().any(|p| p.name == "t-gateway"));
+        d.stop();
         assert!(!dir.path().join("ctl.sock").exists());
     }
 }

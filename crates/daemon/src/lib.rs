@@ -24,6 +24,7 @@
 //! - [`mode`]: the [`mode::NetMode`] trait and [`mode::alloc_mode`] factory.
 //! - [`mode_bridged`]: `bridged` networks (an AF_PACKET uplink on a host NIC).
 //! - [`mode_hostonly`]: `host-only` networks (TAP + services) and DHCP on `internal` ones.
+//! - [`mode_nat`]: `nat` networks (services + the NAT gateway of virtnet-port-nat).
 //! - [`port`]: guest ports, the glue to `virtnet_virtio::NetPort`.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: [`Daemon`] start/serve/stop, [`Shutdown`], [`run`].
@@ -39,6 +40,7 @@ pub mod daemon;
 pub mod mode;
 pub mod mode_bridged;
 pub mod mode_hostonly;
+pub mod mode_nat;
 pub mod port;
 pub mod qemu;
 pub mod sys;

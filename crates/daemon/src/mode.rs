@@ -10,7 +10,7 @@
 //! | `internal`  | implemented       | none                                 |
 //! | `null`      | implemented, test | one sink that swallows every frame   |
 //! | `host-only` | implemented       | TAP, services (mode_hostonly)        |
-//! | `nat`       | not yet           | NAT gateway                          |
+//! | `nat`       | implemented       | NAT gateway, services (mode_nat)     |
 //! | `bridged`   | implemented       | AF_PACKET uplink (mode_bridged)      |
 //!
 //! A later mode implements [`NetMode`] in its own module (feature-gated if it pulls in
@@ -31,7 +31,7 @@ pub const INTERNAL: &str = "internal";
 /// Internal, plus a port that swallows every frame (for tests).
 pub const NULL: &str = "null";
 /// Modes that exist in the design but are not implemented yet.
-pub const NOT_YET: [&str; 1] = ["nat"];
+pub const NOT_YET: [&str; 0] = [];
 
 /// Errors of choosing or starting a mode.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -89,7 +89,11 @@ pub trait NetMode: Send + Sync {
 /// Is `mode` a mode this build can run? Used by config validation.
 pub fn check(mode: &str) -> Result<()> {
     match mode {
-        INTERNAL | NULL | crate::mode_hostonly::HOST_ONLY | crate::mode_bridged::BRIDGED => Ok(()),
+        INTERNAL
+        | NULL
+        | crate::mode_hostonly::HOST_ONLY
+        | crate::mode_bridged::BRIDGED
+        | crate::mode_nat::NAT => Ok(()),
         m if NOT_YET.contains(&m) => Err(ModeError::NotImplemented(m.to_string())),
         m => Err(ModeError::Unknown(m.to_string())),
     }
@@ -108,6 +112,7 @@ pub fn alloc_mode(net: &NetworkConfig) -> Result<Box<dyn NetMode>> {
         crate::mode_bridged::BRIDGED => Ok(Box::new(crate::mode_bridged::BridgedMode::start(
             switch, net,
         )?)),
+        crate::mode_nat::NAT => Ok(Box::new(crate::mode_nat::NatMode::start(switch, net)?)),
         crate::mode_hostonly::HOST_ONLY => Ok(Box::new(crate::mode_hostonly::HostOnlyMode::start(
             switch, net,
         )?)),
@@ -207,7 +212,7 @@ mod tests {
     fn check_classifies_modes() {
         assert_eq!(check("internal"), Ok(()));
         assert_eq!(check("null"), Ok(()));
-        assert_matches!(check("nat"), Err(ModeError::NotImplemented(m)) if m == "nat");
+        assert_eq!(check("nat"), Ok(()));
         assert_eq!(check("host-only"), Ok(()));
         assert_eq!(check("bridged"), Ok(()));
         assert_matches!(check("Internal"), Err(ModeError::Unknown(m)) if m == "Internal");
@@ -219,10 +224,6 @@ mod tests {
 
     #[test]
     fn alloc_rejects_what_check_rejects() {
-        assert_matches!(
-            alloc_mode(&net("nat")).err(),
-            Some(ModeError::NotImplemented(_))
-        );
         assert_matches!(alloc_mode(&net("x")).err(), Some(ModeError::Unknown(_)));
     }
 

@@ -48,6 +48,18 @@ pub fn port_args(port: &PortSpec, mtu: u32, index: usize) -> String {
 }
 
 fn network_hints(out: &mut String, net: &NetworkConfig) {
+    if net.mode == crate::mode_nat::NAT && !net.ports.is_empty() {
+        let subnet = net
+            .subnet
+            .as_deref()
+            .unwrap_or(crate::mode_nat::DEFAULT_NAT_SUBNET);
+        let _ = writeln!(
+            out,
+            "# network {} is NAT: guests get an address in {subnet} by DHCP; the gateway is \
+             the router and DNS server; nothing reaches in unless forwarded",
+            net.name
+        );
+    }
     for (j, port) in net.ports.iter().enumerate() {
         if port.queue_size < QEMU_QUEUE_SIZE {
             let _ = writeln!(
@@ -137,7 +149,8 @@ mod tests {
     fn hints_cover_every_port() {
         let h = hints(&Config::default());
         assert_eq!(h.matches("-device virtio-net-pci").count(), 2);
-        assert!(h.contains("# port default-1 (network default, internal):"));
+        assert!(h.contains("# port default-1 (network default, nat):"));
+        assert!(h.contains("# network default is NAT: guests get an address in 10.0.2.0/24"));
         assert!(h.contains("vectors=0"));
         let empty = Config {
             networks: vec![],

@@ -837,16 +837,12 @@ impl SmolEngine {
                     _ => break,
                 }
             }
-            if !f.shutdown_sent
-                && !s.can_recv()
-                && matches!(
-                    s.state(),
-                    tcp::State::CloseWait
-                        | tcp::State::LastAck
-                        | tcp::State::Closing
-                        | tcp::State::TimeWait
-                )
-            {
+            // The guest's FIN counts once everything before it went to the host: with the
+            // receive buffer drained, smoltcp reports `Finished` (not so after a reset).
+            let drained = !s.can_recv();
+            let guest_fin =
+                drained && matches!(s.recv_slice(&mut []), Err(tcp::RecvError::Finished));
+            if !f.shutdown_sent && guest_fin {
                 f.shutdown_sent = true;
                 self.pending_cmds.push(HostCmd::TcpShutdown { id });
             }
@@ -868,7 +864,9 @@ impl SmolEngine {
                     s.close();
                 }
             }
-            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+            // Retired only once the guest's data is all out: smoltcp keeps it readable in
+            // TIME-WAIT and CLOSED until the socket is removed.
+            if drained && matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
                 let clean = f.fin_sent && f.shutdown_sent;
                 done.push((id, !clean && !f.host_reset));
             }
@@ -1238,6 +1236,9 @@ mod tests {
         now: Duration,
         cmds: Vec<HostCmd>,
         to_guest: Vec<Vec<u8>>,
+        /// Drop one frame in n, pseudo-randomly, in each direction (0: no loss).
+        loss_every: usize,
+        frames_seen: usize,
     }
 
     fn policy() -> NatPolicy {
@@ -1265,6 +1266,8 @@ mod tests {
                 now: Duration::ZERO,
                 cmds: Vec::new(),
                 to_guest: Vec::new(),
+                loss_every: 0,
+                frames_seen: 0,
             }
         }
 
@@ -1272,7 +1275,9 @@ mod tests {
             let t = sinstant(self.now);
             self.g.poll(t, &mut self.link, &mut self.sockets);
             while let Some(f) = self.link.tx.pop_front() {
-                self.eng.guest_frame(self.now, &f);
+                if !self.lose() {
+                    self.eng.guest_frame(self.now, &f);
+                }
             }
             let mut out = Vec::new();
             self.eng.poll(
@@ -1281,11 +1286,25 @@ mod tests {
                 &mut self.cmds,
             );
             for f in out {
+                if self.lose() {
+                    continue;
+                }
                 self.to_guest.push(f.clone());
                 self.link.rx.push_back(f);
             }
             self.g.poll(t, &mut self.link, &mut self.sockets);
             self.now += STEP;
+        }
+
+        /// Seeded pseudo-random loss of one frame in `loss_every` (a fixed period can lock
+        /// onto a retransmission schedule and drop the same segment forever).
+        fn lose(&mut self) -> bool {
+            let mut x = self.frames_seen as u64 ^ 0x9e37_79b9_7f4a_7c15;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.frames_seen = x as usize;
+            self.loss_every != 0 && x % self.loss_every as u64 == 0
         }
 
         fn run(&mut self, n: usize) {
@@ -1429,6 +1448,100 @@ mod tests {
         // Flow ids follow the order of the guest's SYNs.
         assert!(sends.contains(&(ids[0], b"one".to_vec())), "{sends:?}");
         assert!(sends.contains(&(ids[1], b"two".to_vec())), "{sends:?}");
+    }
+
+    /// Bulk data both ways, the guest half-closing as soon as it has sent everything, on the
+    /// simulated clock: everything arrives, in order, and the flow ends cleanly.
+    #[test]
+    fn tcp_bulk_both_ways_with_half_close() {
+        bulk_both_ways(&[0]);
+    }
+
+    /// The same over a lossy link (one frame in n dropped, seeded, in each direction).
+    /// KNOWN FAILURE, open: in this simulation even a single lost frame stalls the sending
+    /// side for good (seen with the simulated guest as sender and with the gateway as
+    /// sender; the flow then ends by timeout). A trace of one lost guest segment shows the
+    /// gateway sending duplicate ACKs and the sender neither fast-retransmitting nor
+    /// retransmitting on timeout. Both ends are smoltcp 0.12 here; whether the
+    /// engine, this harness or smoltcp is at fault is not settled. Real guests behind the
+    /// gateway would meet this when frames are dropped (e.g. a full guest RX ring).
+    #[test]
+    #[ignore = "known failure under loss, see the comment"]
+    fn tcp_bulk_both_ways_over_loss() {
+        bulk_both_ways(&[13, 5]);
+    }
+
+    fn bulk_both_ways(losses: &[usize]) {
+        for &loss in losses {
+            let mut sim = Sim::new(policy());
+            let (h, id) = established(&mut sim);
+            sim.loss_every = loss;
+            let up: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8).collect();
+            let down: Vec<u8> = (0..150_000u32).map(|i| (i % 241) as u8).collect();
+            let mut up_off = 0;
+            let (mut got_up, mut got_down) = (Vec::new(), Vec::new());
+            let mut eof_sent = false;
+            let mut closed = false;
+            // `established` consumed the first read credit: answer it.
+            let mut down_off = 4000;
+            sim.event(HostEvent::TcpData {
+                id,
+                data: down[..down_off].to_vec(),
+            });
+            for _ in 0..60_000 {
+                if up_off < up.len() {
+                    up_off += sim.sock(h).send_slice(&up[up_off..]).unwrap_or(0);
+                } else if !closed {
+                    closed = true;
+                    sim.sock(h).close();
+                }
+                while sim.sock(h).can_recv() {
+                    sim.sock(h)
+                        .recv(|b| {
+                            got_down.extend_from_slice(b);
+                            (b.len(), ())
+                        })
+                        .unwrap();
+                }
+                sim.step();
+                for c in sim.take() {
+                    match c {
+                        HostCmd::TcpSend { id: i, data } if i == id => {
+                            let n = data.len();
+                            got_up.extend_from_slice(&data);
+                            sim.event(HostEvent::TcpWritten { id, n });
+                        }
+                        HostCmd::TcpRead { id: i } if i == id => {
+                            if down_off < down.len() {
+                                let end = (down_off + 4000).min(down.len());
+                                let data = down[down_off..end].to_vec();
+                                down_off = end;
+                                sim.event(HostEvent::TcpData { id, data });
+                            } else if !eof_sent {
+                                eof_sent = true;
+                                sim.event(HostEvent::TcpEof { id });
+                            }
+                        }
+                        HostCmd::TcpClose { id: i, reset } if i == id => {
+                            assert!(!reset, "loss {loss}: the flow was reset");
+                        }
+                        _ => {}
+                    }
+                }
+                if sim.eng.stats().tcp_flows == 0 && got_down.len() == down.len() {
+                    break;
+                }
+            }
+            assert_eq!(got_up.len(), up.len(), "loss {loss}: guest to host");
+            assert!(got_up == up, "loss {loss}: guest to host data differs");
+            assert_eq!(got_down.len(), down.len(), "loss {loss}: host to guest");
+            assert!(got_down == down, "loss {loss}: host to guest data differs");
+            assert_eq!(
+                sim.eng.stats().tcp_flows,
+                0,
+                "loss {loss}: flow not retired"
+            );
+        }
     }
 
     #[test]

@@ -605,3 +605,54 @@ impl Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_parse() {
+        let g = Some(Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(
+            Forward::parse("tcp:127.0.0.1:2222 -> 22", g),
+            Ok(Forward {
+                proto: ForwardProto::Tcp,
+                host: "127.0.0.1:2222".parse().unwrap(),
+                guest: "10.0.2.15:22".parse().unwrap(),
+            })
+        );
+        assert_eq!(
+            Forward::parse("udp:0.0.0.0:5353->10.0.2.9:53", None),
+            Ok(Forward {
+                proto: ForwardProto::Udp,
+                host: "0.0.0.0:5353".parse().unwrap(),
+                guest: "10.0.2.9:53".parse().unwrap(),
+            })
+        );
+        for bad in [
+            "tcp:127.0.0.1:2222",
+            "sctp:127.0.0.1:1 -> 2",
+            "tcp:127.0.0.1 -> 22",
+            "tcp:127.0.0.1:1 -> x",
+            "tcp:127.0.0.1:1 -> 70000",
+        ] {
+            assert_eq!(
+                Forward::parse(bad, g),
+                Err(ForwardError::Syntax(bad.into())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Forward::parse("tcp:127.0.0.1:1 -> 22", None),
+            Err(ForwardError::NoGuest("tcp:127.0.0.1:1 -> 22".into()))
+        );
+    }
+
+    #[test]
+    fn icmp_checksum_verifies() {
+        let mut p = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'b', b'c'];
+        let c = icmp_checksum(&p);
+        p[2..4].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(icmp_checksum(&p), 0);
+    }
+}

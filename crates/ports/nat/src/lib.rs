@@ -18,7 +18,8 @@
 //!
 //! Limits of this version: IPv4 only (IPv6 frames are counted as dropped); frames are
 //! copied into owned buffers between the switch and the engine (a few allocations per frame;
-//! a buffer pool is the next step); the engine runs on one thread per network.
+//! a buffer pool is the next step); the engine runs on one thread per network; TCP loss
+//! recovery is suspect (see the ignored `engine::tests::tcp_bulk_both_ways_over_loss`).
 //!
 //! Module map:
 //! - [`engine`]: the [`Engine`] trait and [`SmolEngine`], its smoltcp implementation (no I/O,

@@ -198,3 +198,56 @@ impl Drop for NatPort {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink() -> NatSink {
+        NatSink {
+            mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            inbox: Arc::new(Inbox::default()),
+            seg: Mutex::new(Segmenter::new()),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn frame(dst: [u8; 6]) -> Vec<u8> {
+        let mut f = dst.to_vec();
+        f.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 1, 0x08, 0x06]);
+        f.resize(60, 0);
+        f
+    }
+
+    #[test]
+    fn sink_takes_only_frames_for_the_gateway() {
+        let s = sink();
+        let h = NetHdr::default();
+        s.deliver(&SliceFrame(&frame([2, 0, 0, 0, 0, 2])), &h)
+            .unwrap();
+        s.deliver(&SliceFrame(&frame([0xff; 6])), &h).unwrap();
+        s.deliver(&SliceFrame(&frame([2, 0, 0, 0, 0, 9])), &h)
+            .unwrap();
+        s.deliver(&SliceFrame(&frame([0x33, 0x33, 0, 0, 0, 1])), &h)
+            .unwrap();
+        assert_eq!(s.inbox.frames.lock().unwrap().len(), 2);
+        assert_eq!(
+            s.deliver(&SliceFrame(&[2, 0]), &h),
+            Err(DropReason::FrameTooShort)
+        );
+    }
+
+    #[test]
+    fn sink_queue_is_bounded() {
+        let s = sink();
+        let f = frame([2, 0, 0, 0, 0, 2]);
+        for _ in 0..RX_QUEUE {
+            s.deliver(&SliceFrame(&f), &NetHdr::default()).unwrap();
+        }
+        assert_eq!(
+            s.deliver(&SliceFrame(&f), &NetHdr::default()),
+            Err(DropReason::NoRxBuffers)
+        );
+        assert_eq!(s.dropped.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,405 @@
+//! `nat` networks (VMware's VMnet8, QEMU's user networking): guests reach out through the
+//! host's own sockets; nothing reaches in unless a port is forwarded.
+//!
+//! A NAT network is a switch plus two ports: the services (virtnet-services: DHCP, ARP, ping)
+//! at the subnet's first address, and the NAT gateway (virtnet-port-nat) at the second, which
+//! DHCP hands out as the router and the DNS server. The gateway translates guest TCP, UDP and
+//! ICMP echo into host sockets and relays DNS to the host's resolvers.
+//!
+//! ```toml
+//! [[network]]
+//! name = "vmnet8"
+//! mode = "nat"
+//! subnet = "10.0.2.0/24"            # default
+//! dhcp = { reservations = [{ mac = "52:54:00:00:00:0a", ip = "10.0.2.10" }] }   # on by default
+//! [network.nat]
+//! gateway = "10.0.2.2"              # default: the subnet's second address
+//! host_loopback = false             # true: the host's 127.0.0.1 is reachable at…
+//! host_loopback_ip = "10.0.2.2"     # …this address (default: the gateway)
+//! dns = ["127.0.0.53"]              # resolvers (IP or IP:PORT); default: /etc/resolv.conf
+//! forward = ["tcp:127.0.0.1:2222 -> 22", "udp:0.0.0.0:5353 -> 10.0.2.10:53"]
+//! max_flows_per_guest = 4096
+//! ```
+//!
+//! A forward without a guest address goes to the first DHCP reservation.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use virtnet_port_nat::host::Forward;
+use virtnet_port_nat::{NatConfig, NatPolicy, NatPort};
+use virtnet_services::ServicesPort;
+use virtnet_switch::Switch;
+
+use crate::config::NetworkConfig;
+use crate::mode::{ModeError, ModePort, NetMode, INTERNAL};
+use crate::mode_hostonly::{self, ServicesReport};
+
+/// The mode's name in the config file.
+pub const NAT: &str = "nat";
+/// Subnet of a NAT network without a `subnet` key (QEMU's user networking).
+pub const DEFAULT_NAT_SUBNET: &str = "10.0.2.0/24";
+/// Where the host's resolvers are read from.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// Errors of a NAT network's keys.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum NatError {
+    /// An address key does not parse or lies outside the subnet.
+    #[error("Invalid gateway {0:?}: expected an address in the subnet other than the first")]
+    BadGateway(String),
+    /// `host_loopback_ip` does not parse.
+    #[error("Invalid host loopback address {0:?}")]
+    BadLoopback(String),
+    /// A resolver does not parse.
+    #[error("Invalid DNS server {0:?}: expected IP or IP:PORT")]
+    BadDns(String),
+    /// A forward does not parse.
+    #[error("{0}")]
+    BadForward(String),
+    /// The subnet or DHCP keys are wrong.
+    #[error("{0}")]
+    Net(String),
+}
+
+/// The `nat` table of a network.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSpec {
+    /// The gateway's address; default: the subnet's second address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Let guests reach the host's 127.0.0.1 at `host_loopback_ip`.
+    #[serde(default)]
+    pub host_loopback: bool,
+    /// Where guests see the host's loopback; default: the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_loopback_ip: Option<String>,
+    /// Host resolvers the DNS forwarder relays to; default: /etc/resolv.conf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<String>>,
+    /// Port forwards, `PROTO:HOST_IP:PORT -> [GUEST_IP:]PORT`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<String>,
+    /// Most flows one guest may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_flows_per_guest: Option<usize>,
+}
+
+fn subnet_of(net: &NetworkConfig) -> Result<Ipv4Net, NatError> {
+    let text = net.subnet.as_deref().unwrap_or(DEFAULT_NAT_SUBNET);
+    let s: Ipv4Net = text
+        .parse()
+        .map_err(|_| NatError::Net(format!("Invalid subnet {text:?}")))?;
+    Ok(s.trunc())
+}
+
+fn gateway_of(net: &NetworkConfig, subnet: Ipv4Net) -> Result<Ipv4Addr, NatError> {
+    let spec = net.nat.clone().unwrap_or_default();
+    let gw = match &spec.gateway {
+        Some(g) => g
+            .trim()
+            .parse()
+            .map_err(|_| NatError::BadGateway(g.clone()))?,
+        None => Ipv4Addr::from(u32::from(subnet.network()) + 2),
+    };
+    let first = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    if !subnet.contains(&gw) || gw == first || gw == subnet.network() || gw == subnet.broadcast() {
+        return Err(NatError::BadGateway(gw.to_string()));
+    }
+    Ok(gw)
+}
+
+/// The network as the services see it: an `internal` network with DHCP (router and DNS at
+/// the gateway). Other modes are returned unchanged. Config validation checks this form.
+pub fn effective(net: &NetworkConfig) -> NetworkConfig {
+    if net.mode != NAT {
+        return net.clone();
+    }
+    let mut e = net.clone();
+    e.mode = INTERNAL.into();
+    e.nat = None;
+    let subnet = subnet_of(net).ok();
+    e.subnet = Some(
+        net.subnet
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAT_SUBNET.into()),
+    );
+    let mut d = net.dhcp.clone().unwrap_or_default();
+    if let Some(gw) = subnet.and_then(|s| gateway_of(net, s).ok()) {
+        if d.router.is_none() {
+            d.router = Some(gw.to_string());
+        }
+        if d.dns.is_empty() {
+            d.dns = vec![gw.to_string()];
+        }
+    }
+    e.dhcp = Some(d);
+    e
+}
+
+/// The host's resolvers from resolv.conf text.
+pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver"))
+                .then(|| w.next())
+                .flatten()
+                .and_then(|a| a.split('%').next()?.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .collect()
+}
+
+fn parse_dns(s: &str) -> Result<SocketAddr, NatError> {
+    let s = s.trim();
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| NatError::BadDns(s.into()))
+}
+
+/// Resolve and check a NAT network's keys into the gateway's configuration.
+pub fn nat_config(net: &NetworkConfig) -> Result<NatConfig, NatError> {
+    let spec = net.nat.clone().unwrap_or_default();
+    let subnet = subnet_of(net)?;
+    let gateway = gateway_of(net, subnet)?;
+    let mut policy = NatPolicy::new(
+        mode_hostonly::services_mac(&format!("{}-gateway", net.name)).0,
+        gateway,
+        subnet.prefix_len(),
+    );
+    if spec.host_loopback {
+        policy.host_loopback = Some(match &spec.host_loopback_ip {
+            Some(a) => a
+                .trim()
+                .parse()
+                .map_err(|_| NatError::BadLoopback(a.clone()))?,
+            None => gateway,
+        });
+    }
+    policy.dns = match &spec.dns {
+        Some(list) => list
+            .iter()
+            .map(|s| parse_dns(s))
+            .collect::<Result<_, _>>()?,
+        None => std::fs::read_to_string(RESOLV_CONF)
+            .map(|t| parse_resolv_conf(&t))
+            .unwrap_or_default(),
+    };
+    if let Some(m) = spec.max_flows_per_guest {
+        policy.max_flows_per_guest = m;
+    }
+    let reserved = net
+        .dhcp
+        .as_ref()
+        .and_then(|d| d.reservations.first())
+        .and_then(|r| r.ip.parse().ok());
+    let forwards = spec
+        .forward
+        .iter()
+        .map(|f| Forward::parse(f, reserved).map_err(|e| NatError::BadForward(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    Ok(NatConfig {
+        name: format!("{}-gateway", net.name),
+        vlan: None,
+        policy,
+        forwards,
+    })
+}
+
+/// Check the NAT keys of every network; the error comes with its key.
+pub fn validate_all(nets: &[NetworkConfig]) -> Result<(), (String, NatError)> {
+    for (i, net) in nets.iter().enumerate() {
+        if net.mode != NAT {
+            if net.nat.is_some() {
+                return Err((
+                    format!("network[{i}].nat"),
+                    NatError::Net("Only nat networks have a nat table".into()),
+                ));
+            }
+            continue;
+        }
+        nat_config(net).map_err(|e| (format!("network[{i}].nat"), e))?;
+    }
+    Ok(())
+}
+
+/// A NAT network with default settings (VMnet8): 10.0.2.0/24, DHCP, DNS forwarder.
+pub fn default_network(name: &str) -> NetworkConfig {
+    NetworkConfig {
+        mode: NAT.into(),
+        ..NetworkConfig::internal(name)
+    }
+}
+
+/// `nat`: a switch, the services and the NAT gateway.
+pub struct NatMode {
+    switch: Arc<Switch>,
+    services: Option<ServicesPort>,
+    gateway: NatPort,
+    gateway_name: String,
+}
+
+impl NatMode {
+    /// Start the services and the gateway.
+    pub fn start(switch: Arc<Switch>, net: &NetworkConfig) -> Result<Self, ModeError> {
+        let cfg = nat_config(net).map_err(|e| ModeError::Start(e.to_string()))?;
+        let services = mode_hostonly::start_services(&switch, &effective(net))?;
+        let gateway_name = cfg.name.clone();
+        let gateway = NatPort::start(switch.clone(), cfg)
+            .map_err(|e| ModeError::Start(crate::error_line(&e)))?;
+        Ok(NatMode {
+            switch,
+            services,
+            gateway,
+            gateway_name,
+        })
+    }
+}
+
+impl NetMode for NatMode {
+    fn name(&self) -> &'static str {
+        NAT
+    }
+
+    fn switch(&self) -> &Arc<Switch> {
+        &self.switch
+    }
+
+    fn extra_ports(&self) -> Vec<ModePort> {
+        let mut v = vec![ModePort {
+            id: self.gateway.port_id(),
+            name: self.gateway_name.clone(),
+        }];
+        v.extend(self.services.iter().map(|s| ModePort {
+            id: s.port_id(),
+            name: format!("{}-services", self.switch.config().name),
+        }));
+        v
+    }
+
+    fn services(&self) -> Option<ServicesReport> {
+        self.services.as_ref().map(mode_hostonly::services_report)
+    }
+
+    fn shutdown(self: Box<Self>) {
+        self.gateway.shutdown();
+        if let Some(s) = self.services {
+            s.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mode_hostonly::DhcpSpec;
+    use assert_matches::assert_matches;
+
+    fn nat(spec: NatSpec) -> NetworkConfig {
+        NetworkConfig {
+            nat: Some(spec),
+            ..default_network("n")
+        }
+    }
+
+    #[test]
+    fn defaults_are_vmnet8_like() {
+        let mut net = default_network("n");
+        net.nat = Some(NatSpec {
+            dns: Some(vec!["127.0.0.1:5353".into()]),
+            ..NatSpec::default()
+        });
+        let c = nat_config(&net).unwrap();
+        assert_eq!(c.policy.gateway, Ipv4Addr::new(10, 0, 2, 2));
+        assert_eq!(c.policy.prefix_len, 24);
+        assert_eq!(c.policy.host_loopback, None);
+        assert_eq!(c.policy.dns, vec!["127.0.0.1:5353".parse().unwrap()]);
+        let e = effective(&net);
+        assert_eq!(e.mode, "internal");
+        let d = e.dhcp.unwrap();
+        assert_eq!(d.router.as_deref(), Some("10.0.2.2"));
+        assert_eq!(d.dns, vec!["10.0.2.2".to_string()]);
+        let a = mode_hostonly::addressing(&effective(&net))
+            .unwrap()
+            .unwrap();
+        let s = a.services.unwrap();
+        assert_eq!(s.ip, Ipv4Addr::new(10, 0, 2, 1));
+        assert!(s.dhcp.is_some());
+    }
+
+    #[test]
+    fn host_loopback_and_forwards() {
+        let mut net = nat(NatSpec {
+            host_loopback: true,
+            dns: Some(vec!["10.1.1.1".into()]),
+            forward: vec!["tcp:127.0.0.1:2222 -> 22".into()],
+            ..NatSpec::default()
+        });
+        net.dhcp = Some(DhcpSpec {
+            reservations: vec![mode_hostonly::ReservationSpec {
+                mac: "52:54:00:00:00:0a".into(),
+                ip: "10.0.2.10".into(),
+            }],
+            ..DhcpSpec::default()
+        });
+        let c = nat_config(&net).unwrap();
+        assert_eq!(c.policy.host_loopback, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(c.policy.dns, vec!["10.1.1.1:53".parse().unwrap()]);
+        assert_eq!(c.forwards[0].guest, "10.0.2.10:22".parse().unwrap());
+        assert_eq!(c.forwards[0].host, "127.0.0.1:2222".parse().unwrap());
+    }
+
+    #[test]
+    fn rejections() {
+        let bad = |s: NatSpec| nat_config(&nat(s)).unwrap_err();
+        assert_matches!(
+            bad(NatSpec {
+                gateway: Some("10.0.3.1".into()),
+                ..NatSpec::default()
+            }),
+            NatError::BadGateway(_)
+        );
+        assert_matches!(
+            bad(NatSpec {
+                gateway: Some("10.0.2.1".into()),
+                ..NatSpec::default()
+            }),
+            NatError::BadGateway(_)
+        );
+        assert_matches!(
+            bad(NatSpec {
+                dns: Some(vec!["x".into()]),
+                ..NatSpec::default()
+            }),
+            NatError::BadDns(_)
+        );
+        assert_matches!(
+            bad(NatSpec {
+                dns: Some(vec![]),
+                forward: vec!["tcp:127.0.0.1:2222 -> 22".into()],
+                ..NatSpec::default()
+            }),
+            NatError::BadForward(_)
+        );
+        let mut internal = NetworkConfig::internal("i");
+        internal.nat = Some(NatSpec::default());
+        assert_matches!(validate_all(&[internal]), Err((k, _)) if k == "network[0].nat");
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let t = "# x\nnameserver 1.1.1.1\nsearch lab\nnameserver fe80::1%eth0\nnameserver\n";
+        assert_eq!(
+            parse_resolv_conf(t),
+            vec![
+                "1.1.1.1:53".parse().unwrap(),
+                "[fe80::1]:53".parse().unwrap()
+            ]
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! A `nat` network of the daemon, driven by a user-space virtio-net guest (virtnet-guest):
+//! ARP for the gateway, UDP through the DNS forwarder and through `host_loopback` to servers
+//! on 127.0.0.1, a reset for a refused TCP connection, and a TCP port forward's SYN reaching
+//! the guest.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::time::{Duration, Instant};
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use tempfile::TempDir;
+use virtnet_daemon::{Config, Daemon};
+use virtnet_guest::{Guest, GuestConfig, NetHdr};
+
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 2, 15];
+const ME: [u8; 4] = [10, 0, 2, 15];
+const GW: [u8; 4] = [10, 0, 2, 2];
+
+fn udp_echo() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = s.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut b) {
+            let _ = s.send_to(&b[..n], from);
+        }
+    });
+    port
+}
+
+/// Frames received within `timeout` until `pick` returns something.
+fn wait<T>(g: &mut Guest, timeout: Duration, mut pick: impl FnMut(&[u8]) -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Some(r) = g.recv(0, Duration::from_millis(100)).unwrap() {
+            if let Some(t) = pick(&r.frame) {
+                return t;
+            }
+        }
+    }
+    panic!("nothing matching arrived");
+}
+
+fn gateway_mac(g: &mut Guest) -> [u8; 6] {
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&MAC);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&MAC);
+    arp.extend_from_slice(&ME);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&GW);
+    g.send(0, &NetHdr::NONE, &arp).unwrap();
+    wait(g, Duration::from_secs(5), |f| {
+        (f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == GW)
+            .then(|| f[22..28].try_into().unwrap())
+    })
+}
+
+fn udp(g: &mut Guest, gw: [u8; 6], dport: u16, payload: &[u8]) -> (u16, Vec<u8>) {
+    let b = PacketBuilder::ethernet2(MAC, gw)
+        .ipv4(ME, GW, 64)
+        .udp(40000 + dport % 1000, dport);
+    let mut f = Vec::new();
+    b.write(&mut f, payload).unwrap();
+    g.send(0, &NetHdr::NONE, &f).unwrap();
+    wait(g, Duration::from_secs(5), |f| {
+        let p = SlicedPacket::from_ethernet(f).ok()?;
+        let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            return None;
+        };
+        let Some(TransportSlice::Udp(u)) = &p.transport else {
+            return None;
+        };
+        (ip.header().destination() == ME && u.destination_port() == 40000 + dport % 1000)
+            .then(|| (u.source_port(), u.payload().to_vec()))
+    })
+}
+
+#[test]
+fn nat_network_gateway_udp_dns_reset_and_forward() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let echo = udp_echo();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fwd = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = format!(
+        r#"
+control_socket = "{d}/ctl.sock"
+[[network]]
+name = "nat"
+mode = "nat"
+dhcp = {{ lease_file = "{d}/nat.leases", reservations = [{{ mac = "52:54:00:00:02:0f", ip = "10.0.2.15" }}] }}
+[network.nat]
+host_loopback = true
+dns = ["127.0.0.1:{echo}"]
+forward = ["tcp:127.0.0.1:{fwd} -> 22"]
+[[network.port]]
+socket = "{d}/a.sock"
+mac = "52:54:00:00:02:0f"
+"#,
+        d = d.display()
+    );
+    let cfg = Config::from_toml(&text, std::path::Path::new("nat.toml")).unwrap();
+    cfg.validate().unwrap();
+    let daemon = Daemon::start(cfg).unwrap();
+    let mut g = Guest::connect(d.join("a.sock"), GuestConfig::default()).unwrap();
+
+    let gw = gateway_mac(&mut g);
+    // DNS forwarder: gateway:53 relays to the configured resolver (the echo server here).
+    assert_eq!(udp(&mut g, gw, 53, b"query"), (53, b"query".to_vec()));
+    // host_loopback: the gateway's address reaches the host's 127.0.0.1.
+    assert_eq!(udp(&mut g, gw, echo, b"hello"), (echo, b"hello".to_vec()));
+
+    // A SYN to a closed host port is answered with a reset.
+    let syn = PacketBuilder::ethernet2(MAC, gw)
+        .ipv4(ME, GW, 64)
+        .tcp(41000, closed, 1000, 64240)
+        .syn();
+    let mut f = Vec::new();
+    syn.write(&mut f, &[]).unwrap();
+    g.send(0, &NetHdr::NONE, &f).unwrap();
+    wait(&mut g, Duration::from_secs(5), |f| {
+        let p = SlicedPacket::from_ethernet(f).ok()?;
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            return None;
+        };
+        (t.destination_port() == 41000 && t.rst()).then_some(())
+    });
+
+    // A host client of the forward: the gateway opens a connection to 10.0.2.15:22.
+    let client = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", fwd)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        // The guest never answers: the connection ends (reset) when the daemon stops.
+        let r = c.read(&mut b);
+        assert!(!matches!(r, Ok(n) if n > 0), "{r:?}");
+    });
+    let src = wait(&mut g, Duration::from_secs(5), |f| {
+        let p = SlicedPacket::from_ethernet(f).ok()?;
+        let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            return None;
+        };
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            return None;
+        };
+        (t.destination_port() == 22 && t.syn() && !t.ack())
+            .then(|| (ip.header().source(), t.source_port()))
+    });
+    assert_eq!(Ipv4Addr::from(src.0), Ipv4Addr::from(GW));
+    // Stopping the daemon closes every flow: the host client's connection ends.
+    daemon.stop();
+    client.join().unwrap();
+}
