@@ -18,20 +18,25 @@
 //!
 //! Limits of this version: IPv4 only (IPv6 frames are counted as dropped); frames are
 //! copied into owned buffers between the switch and the engine (a few allocations per frame;
-//! a buffer pool is the next step); the engine runs on one thread per network; TCP loss
-//! recovery is suspect (see the ignored `engine::tests::tcp_bulk_both_ways_over_loss`).
+//! a buffer pool is the next step); the engine runs on one thread per network; smoltcp
+//! 0.12 can lose its retransmission timer (CLOSE-WAIT, CLOSING, FIN-WAIT-1 → CLOSING) and
+//! does not count duplicate ACKs that carry data, so a per-flow watchdog (`rescue`)
+//! restarts stalled retransmissions with a burst of duplicate ACKs (drop it when smoltcp
+//! is fixed).
 //!
 //! Module map:
 //! - [`engine`]: the [`Engine`] trait and [`SmolEngine`], its smoltcp implementation (no I/O,
 //!   simulated clock in tests).
 //! - [`host`]: the tokio driver that runs an engine against real host sockets.
 //! - [`port`]: [`NatPort`], the switch port.
+//! - `rescue` (private): the TCP retransmission watchdog.
 
 #![deny(missing_docs)]
 
 pub mod engine;
 pub mod host;
 pub mod port;
+mod rescue;
 
 pub use engine::{Engine, HostCmd, HostEvent, NatPolicy, NatStats, SmolEngine};
 pub use host::{Forward, ForwardProto};
