@@ -89,8 +89,10 @@ pub struct LoadResult {
     pub rx_pps: f64,
     /// Delivered bits per second (frame bytes, no virtio header), same samples.
     pub rx_bps: f64,
-    /// Frames queued per second by the sender over the window.
+    /// Median frames queued per second by the sender, same samples.
     pub tx_pps: f64,
+    /// Mean delivered frames per second over the whole window (a cross-check of `rx_pps`).
+    pub rx_mean_pps: f64,
     /// Frames delivered in the window.
     pub rx_frames: u64,
     /// Frames queued in the window.
@@ -222,7 +224,9 @@ fn run_pinned(tx_sock: &Path, rx_sock: &Path, spec: &GuestLoad) -> Result<LoadRe
     let (mut rx, mut tx, mut rx_bytes, mut bad) = (0u64, 0u64, 0u64, 0u64);
     let mut samples_pps = Vec::new();
     let mut samples_bps = Vec::new();
-    let (mut s_start, mut s_rx, mut s_bytes) = (t_measure, 0u64, 0u64);
+    let mut samples_tx = Vec::new();
+    let (mut s_start, mut s_rx, mut s_bytes, mut s_tx) = (t_measure, 0u64, 0u64, 0u64);
+    let mut t_first = t_measure;
     let mut now = start;
     let mut iter = 0u32;
     while now < t_end {
@@ -262,21 +266,24 @@ fn run_pinned(tx_sock: &Path, rx_sock: &Path, spec: &GuestLoad) -> Result<LoadRe
                 if dt > 0.05 {
                     samples_pps.push((rx - s_rx) as f64 / dt);
                     samples_bps.push((rx_bytes - s_bytes) as f64 * 8.0 / dt);
+                    samples_tx.push((tx - s_tx) as f64 / dt);
                 }
-                (s_start, s_rx, s_bytes) = (now, rx, rx_bytes);
+                (s_start, s_rx, s_bytes, s_tx) = (now, rx, rx_bytes, tx);
             }
         } else if now >= t_measure {
             measuring = true;
-            (s_start, s_rx, s_bytes) = (now, 0, 0);
+            (s_start, s_rx, s_bytes, s_tx) = (now, 0, 0, 0);
+            t_first = now;
         }
     }
-    let window = spec.duration.as_secs_f64().max(1e-9);
+    let window = now.duration_since(t_first).as_secs_f64().max(1e-9);
     a.disconnect();
     b.disconnect();
     Ok(LoadResult {
         rx_pps: median(&samples_pps).unwrap_or(0.0),
         rx_bps: median(&samples_bps).unwrap_or(0.0),
-        tx_pps: tx as f64 / window,
+        tx_pps: median(&samples_tx).unwrap_or(0.0),
+        rx_mean_pps: rx as f64 / window,
         rx_frames: rx,
         tx_frames: tx,
         bad_frames: bad,

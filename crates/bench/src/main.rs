@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use virtnet_bench::proc::Programs;
+use virtnet_bench::proc::{BackendKind, Programs};
 use virtnet_bench::report::Report;
 use virtnet_bench::run::{Frontend, Plan, Size};
 use virtnet_bench::sys::CpuSet;
@@ -38,6 +38,9 @@ struct Args {
     /// both directions).
     #[arg(long, value_delimiter = ',', default_value = "guest,virtio_user")]
     frontends: Vec<String>,
+    /// Backends: `virtnet` and/or `dpdk` (the ratio needs both; one alone is for profiling).
+    #[arg(long, value_delimiter = ',', default_value = "virtnet,dpdk")]
+    backends: Vec<String>,
     /// CPUs of the backend (virtnetd or testpmd), comma-separated.
     #[arg(long, default_value = "1")]
     backend_cpus: String,
@@ -92,6 +95,15 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
             _ => bail!("bad frontend {s:?} (guest, virtio_user)"),
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let backends = args
+        .backends
+        .iter()
+        .map(|s| match s.as_str() {
+            "virtnet" => Ok(BackendKind::Virtnet),
+            "dpdk" => Ok(BackendKind::Dpdk),
+            _ => bail!("bad backend {s:?} (virtnet, dpdk)"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if args.qps.iter().any(|&q| q == 0 || q > 8) {
         bail!("--qps must be in 1..=8");
     }
@@ -106,6 +118,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         pairs,
         warmup: Duration::from_secs_f64(warmup),
         secs: Duration::from_secs_f64(secs),
+        backends,
         frontends,
         qps: args.qps.clone(),
         sizes,
@@ -119,7 +132,7 @@ fn main() -> anyhow::Result<()> {
     let plan = plan(&args)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {:?}", args.out))?;
     let points = plan.points();
-    let runs = (points.len() * plan.pairs * 2) as u64;
+    let runs = (points.len() * plan.pairs * plan.backends.len()) as u64;
     let pb = ProgressBar::new(runs);
     pb.set_style(
         ProgressStyle::with_template(
@@ -146,7 +159,7 @@ fn main() -> anyhow::Result<()> {
             ),
             "guest: one thread runs sender (send_batch 64) and receiver (drain_with 256) of two virtnet_guest::Guest".into(),
             "virtio_user: ONE testpmd with two virtio_user ports in flowgen mode (rx+free, then generate --txpkts frames to the other port's MAC): BIDIRECTIONAL, rate = median over periods of the sum of both ports' Rx-pps (txonly+rxonly as two processes on one CPU measured the scheduler, ~10 kpps)".into(),
-            "rates are delivered frames at the receiver; ratio = median(virtnet)/median(DPDK) within this run; c2c = frontend<->backend CPU cache-line round trip before each pair".into(),
+            "rates are delivered frames at the receiver; ratio = median(virtnet)/median(DPDK) within this run; c2c = frontend<->backend CPU cache-line round trip and wake = blocking wake-up round trip (unix socket ping-pong), both measured before each pair".into(),
         ],
         points: Vec::new(),
     };
@@ -163,17 +176,24 @@ fn main() -> anyhow::Result<()> {
             .flatten()
             .map(|r| r.wrong_len_frames)
             .sum();
-        pb.println(format!(
-            "{name:<24} virtnet {:>8} Mpps  dpdk {:>8} Mpps  ratio {:>5}  c2c {:>5} ns{}",
+        let line = format!(
+            "{name:<24} virtnet {:>8} Mpps  dpdk {:>8} Mpps  ratio {:>5}  c2c {:>5} ns  wake {:>6} us{}",
             s.virtnet.map_or("-".into(), |r| format!("{:.3}", r.mpps)),
             s.dpdk.map_or("-".into(), |r| format!("{:.3}", r.mpps)),
             s.ratio.map_or("-".into(), |r| format!("{r:.2}")),
             s.c2c_ns.map_or("-".into(), |c| format!("{c:.0}")),
+            s.wake_ns.map_or("-".into(), |w| format!("{:.1}", w / 1e3)),
             match (s.failures, wrong) {
                 (0, 0) => String::new(),
                 (f, w) => format!("  ({f} runs failed, {w} frames of wrong length: see JSON)"),
             }
-        ));
+        );
+        // A hidden bar (no terminal) swallows println: print to stderr then.
+        if pb.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            pb.println(line);
+        }
         report.points.push(point);
         // Keep partial results on disk as we go.
         report.write_json(&args.out.join("results.json"))?;

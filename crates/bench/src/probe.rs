@@ -59,7 +59,9 @@ pub fn c2c_ns(a: usize, b: usize, budget: Duration) -> Result<f64> {
         }
         Ok(())
     });
-    let result = ping(&line, a, budget);
+    // On a thread of its own, so the caller's CPU affinity is left alone.
+    let result = std::thread::scope(|s| s.spawn(|| ping(&line, a, budget)).join())
+        .map_err(|_| Error::ThreadDied)?;
     stop.store(true, Ordering::Relaxed);
     let joined = pong.join().map_err(|_| Error::ThreadDied)?;
     joined?;
@@ -92,6 +94,52 @@ fn ping(line: &Line, a: usize, budget: Duration) -> Result<Vec<f64>> {
         samples.push(t.elapsed().as_nanos() as f64 / C2C_BATCH as f64);
     }
     Ok(samples)
+}
+
+/// Round trips per timed batch of the wake-up probe.
+const WAKE_BATCH: u32 = 8;
+
+/// Measures a blocking wake-up round trip between a thread on CPU `a` and one on CPU `b`
+/// (one byte each way over a unix socket pair, both sides sleeping in `read`) for about
+/// `budget`; returns the median nanoseconds per round trip. This is the price an
+/// event-driven backend pays per kick when it sleeps between batches (two wake-ups).
+pub fn wake_ns(a: usize, b: usize, budget: Duration) -> Result<f64> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let (mut x, mut y) = UnixStream::pair().map_err(|_| Error::ThreadDied)?;
+    let set_b = CpuSet::parse(&b.to_string())?;
+    let echo = std::thread::spawn(move || -> Result<()> {
+        sys::pin_current_thread(&set_b)?;
+        let mut buf = [0u8; 1];
+        // Ends when the other side closes.
+        while let Ok(1) = y.read(&mut buf) {
+            if y.write_all(&buf).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    let run = || -> Result<Vec<f64>> {
+        sys::pin_current_thread(&CpuSet::parse(&a.to_string())?)?;
+        x.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|_| Error::NoAnswer(b))?;
+        let start = Instant::now();
+        let mut samples = Vec::new();
+        let mut buf = [0u8; 1];
+        while start.elapsed() < budget || samples.is_empty() {
+            let t = Instant::now();
+            for _ in 0..WAKE_BATCH {
+                x.write_all(&[1]).map_err(|_| Error::NoAnswer(b))?;
+                x.read_exact(&mut buf).map_err(|_| Error::NoAnswer(b))?;
+            }
+            samples.push(t.elapsed().as_nanos() as f64 / f64::from(WAKE_BATCH));
+        }
+        Ok(samples)
+    };
+    let result = std::thread::scope(|s| s.spawn(run).join()).map_err(|_| Error::ThreadDied)?;
+    drop(x);
+    echo.join().map_err(|_| Error::ThreadDied)??;
+    median(&result?).ok_or(Error::NoAnswer(b))
 }
 
 /// Result of one memcpy reference measurement.
@@ -147,6 +195,13 @@ mod tests {
         }
         let ns = c2c_ns(0, 1, Duration::from_millis(20)).unwrap();
         assert!(ns > 1.0 && ns < 10_000_000.0, "{ns}");
+    }
+
+    #[test]
+    fn wake_up_round_trip_is_measured() {
+        let b = usize::from(std::thread::available_parallelism().map_or(1, |n| n.get()) > 1);
+        let ns = wake_ns(0, b, Duration::from_millis(20)).unwrap();
+        assert!(ns > 100.0 && ns < 1e9, "{ns}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct Rate {
     /// frame; e.g. a GSO frame segmented on the way). Zero for a correct run.
     #[serde(default)]
     pub wrong_len_frames: u64,
+    /// Frames sent and received in the window (our driver only), to cross-check the rates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames_sent_received: Option<(u64, u64)>,
 }
 
 /// The outcome of one backend's run in a pair.
@@ -51,6 +54,8 @@ pub enum Outcome {
     Ok(Rate),
     /// It failed (the message says why).
     Failed(String),
+    /// Not run (`--backends`).
+    Skipped,
 }
 
 impl Outcome {
@@ -58,8 +63,13 @@ impl Outcome {
     pub fn rate(&self) -> Option<Rate> {
         match self {
             Outcome::Ok(r) => Some(*r),
-            Outcome::Failed(_) => None,
+            Outcome::Failed(_) | Outcome::Skipped => None,
         }
+    }
+
+    /// Did it fail?
+    pub fn failed(&self) -> bool {
+        matches!(self, Outcome::Failed(_))
     }
 }
 
@@ -68,6 +78,10 @@ impl Outcome {
 pub struct Pair {
     /// Core-to-core round trip (frontend CPU ↔ backend CPU) measured just before the pair.
     pub c2c_ns: Option<f64>,
+    /// Blocking wake-up round trip (frontend CPU ↔ backend CPU) measured just before the
+    /// pair: what an event-driven backend pays per sleep/kick cycle.
+    #[serde(default)]
+    pub wake_ns: Option<f64>,
     /// virtnetd.
     pub virtnet: Outcome,
     /// DPDK net_vhost.
@@ -106,6 +120,8 @@ pub struct Point {
 pub struct Summary {
     /// Median c2c.
     pub c2c_ns: Option<f64>,
+    /// Median wake-up round trip.
+    pub wake_ns: Option<f64>,
     /// Median virtnet rate.
     pub virtnet: Option<Rate>,
     /// Median DPDK rate.
@@ -127,6 +143,7 @@ fn median_rate(rates: &[Rate]) -> Option<Rate> {
         gbps: median(&g)?,
         offered_mpps: median(&o),
         wrong_len_frames: rates.iter().map(|r| r.wrong_len_frames).sum(),
+        frames_sent_received: None,
     })
 }
 
@@ -134,6 +151,7 @@ impl Point {
     /// The medians over the pairs.
     pub fn summary(&self) -> Summary {
         let c2c: Vec<f64> = self.pairs.iter().filter_map(|p| p.c2c_ns).collect();
+        let wake: Vec<f64> = self.pairs.iter().filter_map(|p| p.wake_ns).collect();
         let v: Vec<Rate> = self.pairs.iter().filter_map(|p| p.virtnet.rate()).collect();
         let d: Vec<Rate> = self.pairs.iter().filter_map(|p| p.dpdk.rate()).collect();
         let pr: Vec<f64> = self.pairs.iter().filter_map(Pair::ratio).collect();
@@ -146,10 +164,11 @@ impl Point {
         let failures = self
             .pairs
             .iter()
-            .map(|p| usize::from(p.virtnet.rate().is_none()) + usize::from(p.dpdk.rate().is_none()))
+            .map(|p| usize::from(p.virtnet.failed()) + usize::from(p.dpdk.failed()))
             .sum();
         Summary {
             c2c_ns: median(&c2c),
+            wake_ns: median(&wake),
             virtnet,
             dpdk,
             ratio,
@@ -242,11 +261,12 @@ impl Report {
     pub fn table(&self) -> String {
         let mut s = String::new();
         s.push_str(&format!(
-            "{:<11} {:>3} {:>8} {:>7} | {:>8} {:>7} | {:>8} {:>7} | {:>6} {:>6} | {:>8} {:>7} | {}\n",
+            "{:<11} {:>3} {:>8} {:>7} {:>7} | {:>8} {:>7} | {:>8} {:>7} | {:>6} {:>6} | {:>8} {:>7} | {}\n",
             "frontend",
             "qp",
             "frame",
             "c2c ns",
+            "wake us",
             "vn Mpps",
             "Gbit/s",
             "dpdk Mp",
@@ -257,16 +277,17 @@ impl Report {
             "Gbit/s",
             "fail"
         ));
-        s.push_str(&"-".repeat(118));
+        s.push_str(&"-".repeat(126));
         s.push('\n');
         for p in &self.points {
             let m = p.summary();
             s.push_str(&format!(
-                "{:<11} {:>3} {:>8} {:>7} | {:>8} {:>7} | {:>8} {:>7} | {:>6} {:>6} | {:>8} {:>7} | {}\n",
+                "{:<11} {:>3} {:>8} {:>7} {:>7} | {:>8} {:>7} | {:>8} {:>7} | {:>6} {:>6} | {:>8} {:>7} | {}\n",
                 p.frontend,
                 p.qps,
                 p.label,
                 f(m.c2c_ns, 0),
+                f(m.wake_ns.map(|w| w / 1e3), 1),
                 f(m.virtnet.map(|r| r.mpps), 3),
                 f(m.virtnet.map(|r| r.gbps), 2),
                 f(m.dpdk.map(|r| r.mpps), 3),
@@ -314,7 +335,7 @@ impl Report {
             }
             if let Some(d) = m.dpdk {
                 add(
-                    format!("DPDK vhost ({}, {} qp)", p.frontend, p.qps),
+                    format!("DPDK vhost ({}, {} qp)", fe_label(&p.frontend), p.qps),
                     x,
                     d.mpps,
                 );
@@ -396,6 +417,7 @@ mod tests {
             gbps: mpps * len as f64 * 8.0 / 1e3,
             offered_mpps: None,
             wrong_len_frames: 0,
+            frames_sent_received: None,
         }
     }
 
@@ -409,16 +431,19 @@ mod tests {
             pairs: vec![
                 Pair {
                     c2c_ns: Some(150.0),
+                    wake_ns: Some(20_000.0),
                     virtnet: Outcome::Ok(rate(4.0, 64)),
                     dpdk: Outcome::Ok(rate(2.0, 64)),
                 },
                 Pair {
                     c2c_ns: Some(170.0),
+                    wake_ns: None,
                     virtnet: Outcome::Ok(rate(6.0, 64)),
                     dpdk: Outcome::Failed("boom".into()),
                 },
                 Pair {
                     c2c_ns: Some(500.0),
+                    wake_ns: None,
                     virtnet: Outcome::Ok(rate(5.0, 64)),
                     dpdk: Outcome::Ok(rate(4.0, 64)),
                 },
@@ -430,6 +455,7 @@ mod tests {
         q.frame_len = 1500;
         q.pairs = vec![Pair {
             c2c_ns: None,
+            wake_ns: None,
             virtnet: Outcome::Ok(rate(1.0, 1500)),
             dpdk: Outcome::Ok(rate(1.0, 1500)),
         }];
@@ -480,6 +506,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("<svg"), "{}", &text[..100.min(text.len())]);
         assert!(text.contains("virtnet (guest, A → B, 1 qp)"), "{text}");
+        assert!(text.contains("DPDK vhost (guest, A → B, 1 qp)"), "{text}");
         assert!(text.contains("memcpy"));
     }
 }

@@ -23,6 +23,14 @@ pub enum Error {
     /// testpmd printed no usable rate.
     #[error("testpmd flowgen reported no traffic; last log lines:\n{0}")]
     NoRate(String),
+    /// Our driver received nothing in the window.
+    #[error("No frame arrived in the window ({sent} sent); backend log:\n{log}")]
+    NoTraffic {
+        /// Frames queued.
+        sent: u64,
+        /// The end of the backend's log.
+        log: String,
+    },
     /// testpmd did not start forwarding in time.
     #[error("testpmd did not start forwarding in time; last log lines:\n{0}")]
     NotStarted(String),
@@ -102,6 +110,8 @@ pub struct Plan {
     pub warmup: Duration,
     /// Window per run.
     pub secs: Duration,
+    /// Backends to run (both, normally: the ratio needs both).
+    pub backends: Vec<BackendKind>,
     /// Frontends.
     pub frontends: Vec<Frontend>,
     /// Queue pairs.
@@ -175,11 +185,18 @@ impl Plan {
                 };
                 let r = load::run(&backend.sockets[0], &backend.sockets[1], &spec)?;
                 backend.child.check_alive()?;
+                if r.rx_frames == 0 {
+                    return Err(Error::NoTraffic {
+                        sent: r.tx_frames,
+                        log: tail(&backend.child.log_text()),
+                    });
+                }
                 Rate {
                     mpps: r.rx_pps / 1e6,
                     gbps: r.rx_bps / 1e9,
                     offered_mpps: Some(r.tx_pps / 1e6),
                     wrong_len_frames: r.bad_frames,
+                    frames_sent_received: Some((r.tx_frames, r.rx_frames)),
                 }
             }
             Frontend::VirtioUser => self.vuser_run(&mut backend, &dir, tag, p.qps, len)?,
@@ -230,6 +247,7 @@ impl Plan {
             gbps: pps * len as f64 * 8.0 / 1e9,
             offered_mpps: offered.map(|o| o / 1e6),
             wrong_len_frames: 0,
+            frames_sent_received: None,
         })
     }
 
@@ -245,16 +263,25 @@ impl Plan {
                 gbps: m.gbps,
                 offered_mpps: None,
                 wrong_len_frames: 0,
+                frames_sent_received: None,
             });
         let mut pairs = Vec::new();
         for i in 0..self.pairs {
             let c2c_ns = probe::c2c_ns(a, b, Duration::from_millis(50)).ok();
-            let virtnet = self.run_one(BackendKind::Virtnet, p, &format!("{index}v{i}"));
-            tick(&describe("virtnet", &virtnet));
-            let dpdk = self.run_one(BackendKind::Dpdk, p, &format!("{index}d{i}"));
-            tick(&describe("dpdk", &dpdk));
+            let wake_ns = probe::wake_ns(a, b, Duration::from_millis(50)).ok();
+            let mut one = |kind: BackendKind, tag: String| {
+                if !self.backends.contains(&kind) {
+                    return Outcome::Skipped;
+                }
+                let o = self.run_one(kind, p, &tag);
+                tick(&describe(kind.name(), &o));
+                o
+            };
+            let virtnet = one(BackendKind::Virtnet, format!("{index}v{i}"));
+            let dpdk = one(BackendKind::Dpdk, format!("{index}d{i}"));
             pairs.push(Pair {
                 c2c_ns,
+                wake_ns,
                 virtnet,
                 dpdk,
             });
@@ -293,6 +320,7 @@ fn describe(name: &str, o: &Outcome) -> String {
     match o {
         Outcome::Ok(r) => format!("{name} {:.3} Mpps {:.2} Gbit/s", r.mpps, r.gbps),
         Outcome::Failed(e) => format!("{name} FAILED: {}", e.lines().next().unwrap_or("")),
+        Outcome::Skipped => format!("{name} skipped"),
     }
 }
 
@@ -318,6 +346,7 @@ mod tests {
             pairs: 1,
             warmup: Duration::ZERO,
             secs: Duration::from_millis(10),
+            backends: vec![BackendKind::Virtnet, BackendKind::Dpdk],
             frontends: vec![Frontend::Guest, Frontend::VirtioUser],
             qps: vec![1, 2],
             sizes: vec![Size::Plain(64), Size::Gso],
@@ -354,6 +383,11 @@ mod tests {
         assert!(matches!(point.pairs[0].virtnet, Outcome::Failed(ref m) if m.contains("virtnetd")));
         assert!(matches!(point.pairs[0].dpdk, Outcome::Failed(_)));
         assert_eq!(point.summary().failures, 2);
+        let mut only = p.clone();
+        only.backends = vec![BackendKind::Dpdk];
+        let point = only.run_point(spec, 1, |_| {});
+        assert_eq!(point.pairs[0].virtnet, Outcome::Skipped);
+        assert_eq!(point.summary().failures, 1);
         let _ = std::fs::remove_dir_all(&p.work_dir);
     }
 }
