@@ -15,7 +15,7 @@ for a in "$@"; do
 done
 
 PKGS=(qemu-system-x86 busybox-static iperf3 python3 cpio gzip xz-utils iproute2
-      dpdk-dev librte-net-vhost23 librte-net-virtio23 dnsmasq-base tcpdump)
+      dpdk-dev librte-net-vhost23 librte-net-virtio23 dnsmasq-base tcpdump passt g++)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

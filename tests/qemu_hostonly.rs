@@ -230,6 +230,10 @@ fn dhcp_from(g: &mut Guest, server: &str) -> String {
 #[test]
 fn host_only_dhcp_ping_iperf_and_restart() {
     if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "required in CI: host-only test needs root (network namespace, TAP)"
+        );
         eprintln!("SKIPPED: host-only test needs root (network namespace, TAP)");
         return;
     }
@@ -353,6 +357,10 @@ fn host_only_dhcp_ping_iperf_and_restart() {
 #[test]
 fn internal_network_with_dhcp() {
     if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "required in CI: needs root (network namespace)"
+        );
         eprintln!("SKIPPED: needs root (network namespace)");
         return;
     }
