@@ -353,7 +353,8 @@ fn iperf_guest(lab: &Lab, tag: &str, net: Net<'_>, peer: &str) -> Option<f64> {
 /// Prints the figures; asserts only that virtnet moved data.
 #[test]
 fn nat_throughput_beside_slirp_and_passt() {
-    let Some(lab) = Lab::new("nat_throughput_beside_slirp_and_passt", 1) else {
+    // All guest slots: a throughput comparison must not share the two CPUs with other guests.
+    let Some(lab) = Lab::new("nat_throughput_beside_slirp_and_passt", qemu::MAX_GUESTS) else {
         return;
     };
     if TcpListener::bind("127.0.0.1:5201").is_err() {
