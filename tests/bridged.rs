@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use virtnet_port_sys::is_root;
 
 use common::*;
 use etherparse::PacketBuilder;
@@ -26,15 +27,6 @@ use virtnet::guest::{Guest, GuestConfig};
 use virtnet::switch::NetHdr;
 
 const VIRTNETD: &str = env!("CARGO_BIN_EXE_virtnetd");
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 /// Run `cmd` with `sh -c` inside namespace `ns`; returns (success, stdout + stderr).
 fn sh(ns: &str, cmd: &str) -> (bool, String) {

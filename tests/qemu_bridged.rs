@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+use virtnet_port_sys::is_root;
 
 use qemu::{markers, Guest, GuestCfg, Lab, PortCfg};
 
@@ -30,15 +31,6 @@ const VIRTNETD: &str = env!("CARGO_BIN_EXE_virtnetd");
 const MAC_A: &str = "52:54:00:88:00:0a";
 const MAC_B: &str = "52:54:00:88:00:0b";
 const LAN_IP: &str = "10.88.0.1";
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 fn have(prog: &str) -> bool {
     Command::new("sh")

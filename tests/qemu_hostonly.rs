@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+use virtnet_port_sys::is_root;
 
 use qemu::{markers, Guest, GuestCfg, Lab, PortCfg};
 
@@ -22,15 +23,6 @@ const MAC_A: &str = "52:54:00:00:56:0a";
 const MAC_B: &str = "52:54:00:00:56:0b";
 const HOST_IP: &str = "192.168.56.1";
 const IFACE: &str = "vt-ho0";
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 fn ip(args: &[&str]) -> bool {
     Command::new("ip")

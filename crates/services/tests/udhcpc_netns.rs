@@ -9,21 +9,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use virtnet_port_sys::is_root;
 
 use virtnet_port_tap::{sys, TapConfig, TapPort};
 use virtnet_services::{DhcpConfig, RaConfig, ServicesConfig, ServicesPort};
 use virtnet_switch::{MacAddr, Switch, SwitchConfig};
 
 const IFACE: &str = "vt-dhcp0";
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 fn run(args: &[&str]) -> (bool, String) {
     let out = Command::new(args[0])

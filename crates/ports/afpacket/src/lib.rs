@@ -1020,6 +1020,7 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtnet_port_sys::is_root;
 
     #[test]
     fn names_are_checked() {
@@ -1217,15 +1218,6 @@ mod tests {
                 frames = self.cv.wait_timeout(frames, deadline - now).unwrap().0;
             }
         }
-    }
-
-    fn is_root() -> bool {
-        std::fs::read_to_string("/proc/self/status")
-            .map(|s| {
-                s.lines()
-                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-            })
-            .unwrap_or(false)
     }
 
     fn ip(args: &str) {

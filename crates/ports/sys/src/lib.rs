@@ -23,6 +23,13 @@ pub fn valid_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// True when the process runs as root (effective uid 0): tests that need network namespaces,
+/// TAPs or raw sockets check this first.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions, touches no memory and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Turn a negative libc return into the thread's `errno`.
 pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {

@@ -394,6 +394,7 @@ mod tests {
     use std::net::UdpSocket;
     use std::sync::{Condvar, Mutex};
     use std::time::{Duration, Instant};
+    use virtnet_port_sys::is_root;
     use virtnet_switch::SwitchConfig;
 
     #[test]
@@ -438,15 +439,6 @@ mod tests {
             self.cv.notify_all();
             Ok(())
         }
-    }
-
-    fn is_root() -> bool {
-        std::fs::read_to_string("/proc/self/status")
-            .map(|s| {
-                s.lines()
-                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-            })
-            .unwrap_or(false)
     }
 
     /// A TAP in a private network namespace: a UDP datagram from a "guest" port reaches a
