@@ -82,40 +82,55 @@ pub trait Frame {
     /// Copy bytes `[offset, offset + dst.len())` into `dst` (short at the end of the frame);
     /// returns the bytes copied.
     fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
-        let mut pos = 0usize; // start of the current segment within the frame
-        let mut done = 0usize;
-        self.for_each_segment(&mut |seg| {
-            let seg_len = seg.len();
-            let want = offset + done;
-            if want < pos + seg_len {
-                done += seg.read_at(want - pos, &mut dst[done..]);
-            }
-            pos += seg_len;
-            done < dst.len()
-        });
-        done
+        read_segments_at(self, offset, dst)
     }
 
     /// Copy bytes starting at `offset` into `dst` until `dst` is full or the frame ends;
     /// returns the bytes copied.
     fn copy_to_volatile(&self, offset: usize, dst: &VolatileSlice<'_>) -> usize {
-        let mut pos = 0usize;
-        let mut done = 0usize;
-        let total = dst.len();
-        self.for_each_segment(&mut |seg| {
-            let seg_len = seg.len();
-            let want = offset + done;
-            if want < pos + seg_len {
-                let Ok(d) = dst.offset(done) else {
-                    return false;
-                };
-                done += seg.copy_to_volatile(want - pos, &d);
-            }
-            pos += seg_len;
-            done < total
-        });
-        done
+        copy_segments_to_volatile(self, offset, dst)
     }
+}
+
+/// The general body of [`Frame::read_at`]: walk the segments. For implementations that add a
+/// fast path and fall back to this.
+pub fn read_segments_at<F: Frame + ?Sized>(frame: &F, offset: usize, dst: &mut [u8]) -> usize {
+    let mut pos = 0usize; // start of the current segment within the frame
+    let mut done = 0usize;
+    frame.for_each_segment(&mut |seg| {
+        let seg_len = seg.len();
+        let want = offset + done;
+        if want < pos + seg_len {
+            done += seg.read_at(want - pos, &mut dst[done..]);
+        }
+        pos += seg_len;
+        done < dst.len()
+    });
+    done
+}
+
+/// The general body of [`Frame::copy_to_volatile`]: walk the segments.
+pub fn copy_segments_to_volatile<F: Frame + ?Sized>(
+    frame: &F,
+    offset: usize,
+    dst: &VolatileSlice<'_>,
+) -> usize {
+    let mut pos = 0usize;
+    let mut done = 0usize;
+    let total = dst.len();
+    frame.for_each_segment(&mut |seg| {
+        let seg_len = seg.len();
+        let want = offset + done;
+        if want < pos + seg_len {
+            let Ok(d) = dst.offset(done) else {
+                return false;
+            };
+            done += seg.copy_to_volatile(want - pos, &d);
+        }
+        pos += seg_len;
+        done < total
+    });
+    done
 }
 
 /// A frame held in one host byte slice.

@@ -572,19 +572,7 @@ impl Frame for GuestFrame<'_, '_> {
         if let Some(s) = self.first_piece_slice(offset, n) {
             return s.copy_to(&mut dst[..n]);
         }
-        // The general walk (the provided method's body).
-        let mut pos = 0usize;
-        let mut done = 0usize;
-        self.for_each_segment(&mut |seg| {
-            let seg_len = seg.len();
-            let want = offset + done;
-            if want < pos + seg_len {
-                done += seg.read_at(want - pos, &mut dst[done..]);
-            }
-            pos += seg_len;
-            done < dst.len()
-        });
-        done
+        virtnet_switch::frame::read_segments_at(self, offset, dst)
     }
 
     fn copy_to_volatile(&self, offset: usize, dst: &VolatileSlice<'_>) -> usize {
@@ -593,22 +581,7 @@ impl Frame for GuestFrame<'_, '_> {
             s.copy_to_volatile_slice(*dst);
             return n;
         }
-        let mut pos = 0usize;
-        let mut done = 0usize;
-        let total = dst.len();
-        self.for_each_segment(&mut |seg| {
-            let seg_len = seg.len();
-            let want = offset + done;
-            if want < pos + seg_len {
-                let Ok(d) = dst.offset(done) else {
-                    return false;
-                };
-                done += seg.copy_to_volatile(want - pos, &d);
-            }
-            pos += seg_len;
-            done < total
-        });
-        done
+        virtnet_switch::frame::copy_segments_to_volatile(self, offset, dst)
     }
 
     fn for_each_segment(&self, f: &mut dyn FnMut(Segment<'_>) -> bool) {
