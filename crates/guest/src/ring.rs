@@ -255,9 +255,15 @@ impl SplitRing {
             .map_err(Error::Index)
     }
 
+    /// `size - 1`: ring positions modulo the (power-of-two) size without a division.
+    #[inline]
+    fn mask(&self) -> u16 {
+        self.size.wrapping_sub(1)
+    }
+
     /// Writes one descriptor table entry (no free-list bookkeeping).
     pub fn write_desc(&self, mem: &GuestMem, index: u16, d: &RawDesc) -> Result<()> {
-        let gpa = self.desc + DESC_SIZE * u64::from(index % self.size);
+        let gpa = self.desc + DESC_SIZE * u64::from(index & self.mask());
         Ok(mem.write(gpa, &d.encode())?)
     }
 
@@ -395,7 +401,7 @@ impl SplitRing {
     /// Writes `head` into the next avail slot and advances the shadow avail index (not yet
     /// published).
     pub fn push_avail(&mut self, mem: &GuestMem, head: u16) -> Result<()> {
-        let slot = u64::from(self.avail_idx % self.size);
+        let slot = u64::from(self.avail_idx & self.mask());
         mem.write(self.avail + 4 + 2 * slot, &head.to_le_bytes())?;
         self.avail_idx = self.avail_idx.wrapping_add(1);
         Ok(())
@@ -457,7 +463,7 @@ impl SplitRing {
         if self.used_idx(mem)? == self.last_used {
             return Ok(None);
         }
-        let slot = u64::from(self.last_used % self.size);
+        let slot = u64::from(self.last_used & self.mask());
         let mut b = [0u8; 8];
         mem.read(self.used + 4 + 8 * slot, &mut b)?;
         self.last_used = self.last_used.wrapping_add(1);

@@ -27,6 +27,13 @@ pub trait PortSink: Send + Sync {
 
     /// Publish what `deliver` wrote since the last flush and notify the other side.
     fn flush(&self) {}
+
+    /// The switch is done delivering to this port for now: the next frame goes to another
+    /// port, or the batch ends. A sink that keeps a lock across consecutive `deliver` calls of
+    /// one thread (a burst into one queue) lets go of it here; a following `flush` still comes
+    /// for what was delivered. The switch holds at most one port "open" per batch, so a thread
+    /// never waits for a second sink's lock while it keeps one. Default: nothing to do.
+    fn release(&self) {}
 }
 
 /// How a port joins the switch.
@@ -106,6 +113,8 @@ pub struct TxBatch {
     rx_acc: Acc,
     /// Frames and bytes delivered to one port, not yet added to its counters.
     tx_acc: Acc,
+    /// The port delivered to last, not yet released ([`PortSink::release`]).
+    open: Option<usize>,
 }
 
 /// A per-batch counter for one port, added to its shared `PortStats` when the port changes
@@ -273,6 +282,16 @@ impl Switch {
             looked_up: None,
             rx_acc: Acc::default(),
             tx_acc: Acc::default(),
+            open: None,
+        }
+    }
+
+    /// Release the port delivered to last, if any.
+    fn release_open(table: &PortTable, open: &mut Option<usize>) {
+        if let Some(i) = open.take() {
+            if let Some(Some(p)) = table.ports.get(i) {
+                p.sink.release();
+            }
         }
     }
 
@@ -282,6 +301,7 @@ impl Switch {
     /// (one entry each), so a change in the FDB made by another worker during a batch is seen
     /// from the next batch on (at most one batch late, like the port table snapshot).
     pub fn begin(&self, batch: &mut TxBatch) {
+        Self::release_open(&batch.table, &mut batch.open);
         batch.rx_acc.flush(&batch.table, true);
         batch.tx_acc.flush(&batch.table, false);
         let g = self.generation.load(Ordering::Acquire);
@@ -313,6 +333,7 @@ impl Switch {
             looked_up,
             rx_acc,
             tx_acc,
+            open,
             ..
         } = batch;
         let now = *now;
@@ -367,7 +388,7 @@ impl Switch {
                 }
                 if let Some(Some(d)) = table.ports.get(dst.0 as usize) {
                     if d.vlan == vlan {
-                        Self::deliver_to(touched, tx_acc, table, d, frame, hdr);
+                        Self::deliver_to(touched, tx_acc, open, table, d, frame, hdr);
                         return;
                     }
                 }
@@ -376,7 +397,7 @@ impl Switch {
         src.stats.count_flood();
         for d in table.ports.iter().flatten() {
             if d.id != ingress && d.vlan == vlan {
-                Self::deliver_to(touched, tx_acc, table, d, frame, hdr);
+                Self::deliver_to(touched, tx_acc, open, table, d, frame, hdr);
             }
         }
     }
@@ -384,11 +405,17 @@ impl Switch {
     fn deliver_to(
         touched: &mut Vec<u64>,
         tx_acc: &mut Acc,
+        open: &mut Option<usize>,
         table: &PortTable,
         d: &PortEntry,
         frame: &dyn Frame,
         hdr: &NetHdr,
     ) {
+        let i = d.id.0 as usize;
+        if *open != Some(i) {
+            Self::release_open(table, open);
+            *open = Some(i);
+        }
         match d.sink.deliver(frame, hdr) {
             Ok(()) => {
                 tx_acc.add(table, d.id.0 as usize, frame.len(), false);
@@ -412,6 +439,7 @@ impl Switch {
                 Self::deliver_to(
                     &mut batch.touched,
                     &mut batch.tx_acc,
+                    &mut batch.open,
                     &batch.table,
                     d,
                     frame,
@@ -424,9 +452,25 @@ impl Switch {
     }
 
     /// End a batch: flush every port that received frames, once.
+    ///
+    /// The port delivered to last is flushed first (a sink that kept its queue locked for the
+    /// burst publishes under that lock), then released, and only then the others are flushed:
+    /// no sink's lock is held while another sink is flushed.
     pub fn end(&self, batch: &mut TxBatch) {
         batch.rx_acc.flush(&batch.table, true);
         batch.tx_acc.flush(&batch.table, false);
+        if let Some(i) = batch.open {
+            let (w, bit) = (i / 64, 1u64 << (i % 64));
+            if let Some(word) = batch.touched.get_mut(w) {
+                if *word & bit != 0 {
+                    *word &= !bit;
+                    if let Some(Some(p)) = batch.table.ports.get(i) {
+                        p.sink.flush();
+                    }
+                }
+            }
+        }
+        Self::release_open(&batch.table, &mut batch.open);
         for w in 0..batch.touched.len() {
             let mut bits = std::mem::take(&mut batch.touched[w]);
             while bits != 0 {
@@ -466,11 +510,25 @@ mod tests {
     struct Recorder {
         frames: Mutex<Vec<Vec<u8>>>,
         flushes: AtomicUsize,
+        releases: AtomicUsize,
         fail: Option<DropReason>,
+        /// Shared event log: (port tag, 'd'eliver / 'f'lush / 'r'elease).
+        log: Option<(u8, EventLog)>,
+    }
+
+    type EventLog = Arc<Mutex<Vec<(u8, char)>>>;
+
+    impl Recorder {
+        fn event(&self, e: char) {
+            if let Some((tag, log)) = &self.log {
+                log.lock().unwrap().push((*tag, e));
+            }
+        }
     }
 
     impl PortSink for Recorder {
         fn deliver(&self, frame: &dyn Frame, _hdr: &NetHdr) -> Result<(), DropReason> {
+            self.event('d');
             if let Some(r) = self.fail {
                 return Err(r);
             }
@@ -480,7 +538,12 @@ mod tests {
             Ok(())
         }
         fn flush(&self) {
+            self.event('f');
             self.flushes.fetch_add(1, Ordering::Relaxed);
+        }
+        fn release(&self) {
+            self.event('r');
+            self.releases.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -677,5 +740,76 @@ mod tests {
         );
         sw.end(&mut b);
         assert_eq!(count(&p[2].1), 2, "aged out: flooded again");
+    }
+
+    #[test]
+    fn one_port_open_at_a_time_and_the_open_one_flushed_first() {
+        let sw = Switch::new(SwitchConfig::default());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mk = |tag: u8, fail: Option<DropReason>| {
+            let r = Arc::new(Recorder {
+                fail,
+                log: Some((tag, log.clone())),
+                ..Default::default()
+            });
+            (sw.add_port(PortConfig::default(), r.clone()), r)
+        };
+        let (pa, _a) = mk(0, None);
+        let (pb, b) = mk(1, None);
+        let (pc, c) = mk(2, None);
+        let (_pf, f) = mk(3, Some(DropReason::NoRxBuffers));
+        // B and C announce themselves (flooded), then the log starts.
+        send(&sw, pb, &eth(mac(1), mac(2)));
+        send(&sw, pc, &eth(mac(1), mac(3)));
+        log.lock().unwrap().clear();
+        let mut batch = sw.new_batch();
+        sw.begin(&mut batch);
+        for dst in [mac(2), mac(2), mac(3), mac(3), mac(2)] {
+            let fr = eth(dst, mac(1));
+            sw.forward(&mut batch, pa, &SliceFrame(&fr), &NetHdr::NONE);
+        }
+        sw.end(&mut batch);
+        let got = std::mem::take(&mut *log.lock().unwrap());
+        assert_eq!(
+            got,
+            vec![
+                (1, 'd'),
+                (1, 'd'),
+                (1, 'r'),
+                (2, 'd'),
+                (2, 'd'),
+                (2, 'r'),
+                (1, 'd'),
+                // End: the open port is flushed first, then released, then the others.
+                (1, 'f'),
+                (1, 'r'),
+                (2, 'f'),
+            ]
+        );
+        // A flood: every port is released before the next one gets the frame; a port whose
+        // delivery failed is released too but not flushed.
+        sw.begin(&mut batch);
+        let fr = eth([0xff; 6], mac(1));
+        sw.forward(&mut batch, pa, &SliceFrame(&fr), &NetHdr::NONE);
+        sw.end(&mut batch);
+        let got = std::mem::take(&mut *log.lock().unwrap());
+        assert_eq!(
+            got,
+            vec![
+                (1, 'd'),
+                (1, 'r'),
+                (2, 'd'),
+                (2, 'r'),
+                (3, 'd'),
+                (3, 'r'),
+                (1, 'f'),
+                (2, 'f'),
+            ]
+        );
+        assert_eq!(f.flushes.load(Ordering::Relaxed), 0);
+        // Counted from the start: the two announcements flooded through F (and C) as well.
+        assert_eq!(f.releases.load(Ordering::Relaxed), 3);
+        assert_eq!(b.flushes.load(Ordering::Relaxed), 3);
+        assert_eq!(c.releases.load(Ordering::Relaxed), 3);
     }
 }

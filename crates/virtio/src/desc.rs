@@ -214,22 +214,23 @@ impl<'c, 'a> AvailCursor<'c, 'a> {
         cache: &'c RegionCache<'a>,
         queue: &Queue,
     ) -> std::result::Result<Self, virtio_queue::Error> {
+        let mut cur = Self::resume(cache, queue, queue.next_avail())?;
+        cur.refresh(queue)?;
+        Ok(cur)
+    }
+
+    /// A cursor over heads up to `idx`, an avail index read earlier from this same queue (a
+    /// burst of deliveries reads it once): no guest memory access for the index. `idx` is
+    /// checked like a fresh one.
+    pub fn resume(
+        cache: &'c RegionCache<'a>,
+        queue: &Queue,
+        idx: u16,
+    ) -> std::result::Result<Self, virtio_queue::Error> {
         let ring = queue.avail_ring();
         if !queue.ready() || ring == 0 {
             return Err(virtio_queue::Error::QueueNotReady);
         }
-        let idx_addr = ring
-            .checked_add(2)
-            .ok_or(virtio_queue::Error::AddressOverflow)?;
-        let Some(s) = cache.slice(idx_addr, 2) else {
-            return Err(virtio_queue::Error::GuestMemory(
-                vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(idx_addr)),
-            ));
-        };
-        let idx = s
-            .load::<u16>(0, Ordering::Acquire)
-            .map_err(|e| virtio_queue::Error::GuestMemory(e.into()))?;
-        let idx = u16::from_le(idx);
         let size = queue.size();
         if idx.wrapping_sub(queue.next_avail()) > size {
             return Err(virtio_queue::Error::InvalidAvailRingIndex);
@@ -247,6 +248,33 @@ impl<'c, 'a> AvailCursor<'c, 'a> {
         })
     }
 
+    /// Read the avail index again (Acquire): heads the driver added since are handed out too.
+    pub fn refresh(&mut self, queue: &Queue) -> std::result::Result<(), virtio_queue::Error> {
+        let idx_addr = queue
+            .avail_ring()
+            .checked_add(2)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let Some(s) = self.cache.slice(idx_addr, 2) else {
+            return Err(virtio_queue::Error::GuestMemory(
+                vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(idx_addr)),
+            ));
+        };
+        let idx = s
+            .load::<u16>(0, Ordering::Acquire)
+            .map_err(|e| virtio_queue::Error::GuestMemory(e.into()))?;
+        let idx = u16::from_le(idx);
+        if idx.wrapping_sub(queue.next_avail()) > self.size {
+            return Err(virtio_queue::Error::InvalidAvailRingIndex);
+        }
+        self.idx = idx;
+        Ok(())
+    }
+
+    /// The avail index the cursor runs up to.
+    pub fn idx(&self) -> u16 {
+        self.idx
+    }
+
     /// Heads available beyond `queue.next_avail()` when the index was read.
     pub fn pending(&self, queue: &Queue) -> u16 {
         self.idx.wrapping_sub(queue.next_avail())
@@ -259,7 +287,7 @@ impl<'c, 'a> AvailCursor<'c, 'a> {
         if at == self.idx {
             return None;
         }
-        let off = usize::from(at % self.size.max(1)) * 2;
+        let off = usize::from(ring_slot(at, self.size)) * 2;
         let b = match self.entries.as_ref() {
             Some(e) => e.get_ref::<[u8; 2]>(off).ok()?.load(),
             // A ring over two adjacent regions (or partly outside memory): entry by entry.
@@ -620,6 +648,18 @@ pub fn write_used_elem(
     write_used_elem_in(&RegionCache::new(mem), queue, slot, head, len)
 }
 
+/// `idx % size` for a ring position: a mask for the power-of-two sizes split rings have (a
+/// division costs tens of cycles, and this runs a few times per frame), `%` otherwise; 0 for
+/// an (invalid) empty ring.
+#[inline]
+pub fn ring_slot(idx: u16, size: u16) -> u16 {
+    if size.is_power_of_two() {
+        idx & (size - 1)
+    } else {
+        idx.checked_rem(size).unwrap_or(0)
+    }
+}
+
 /// [`write_used_elem`] with a [`RegionCache`] built by the caller.
 #[inline]
 pub fn write_used_elem_in(
@@ -630,7 +670,7 @@ pub fn write_used_elem_in(
     len: u32,
 ) -> Result<()> {
     let size = queue.size().max(1);
-    let off = 4 + u64::from(slot % size) * 8;
+    let off = 4 + u64::from(ring_slot(slot, size)) * 8;
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&u32::from(head).to_le_bytes());
     b[4..].copy_from_slice(&len.to_le_bytes());
@@ -1056,5 +1096,15 @@ pub(crate) mod tests {
         assert!(need_event(0, 1, 0));
         assert!(!need_event(5, 3, 0));
         assert!(need_event(0xffff, 1, 0xfffe));
+    }
+
+    #[test]
+    fn ring_slot_is_the_remainder() {
+        for size in [1u16, 2, 4, 256, 1024, 32768, 3, 100] {
+            for idx in [0u16, 1, 2, 255, 256, 1023, 1024, 40000, u16::MAX] {
+                assert_eq!(ring_slot(idx, size), idx % size, "{idx} % {size}");
+            }
+        }
+        assert_eq!(ring_slot(7, 0), 0);
     }
 }

@@ -50,5 +50,8 @@ pub mod tx;
 pub mod vhu_net;
 pub mod virtio_net;
 
-pub use port::{DeviceStatus, Error, NetConfig, NetDevice, NetPort, Result};
+pub use port::{
+    default_busy_poll, DeviceStatus, Error, NetConfig, NetDevice, NetPort, Result,
+    DEFAULT_BUSY_POLL,
+};
 pub use vhu_net::VhostUserNetBackend;

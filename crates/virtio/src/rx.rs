@@ -2,12 +2,32 @@
 //!
 //! ```text
 //!   other port's worker ─► RxSink::deliver(frame, hdr)          (PortSink, any thread)
-//!     flow hash ─► queue pair q ─► lock rx[q]
+//!     flow hash ─► queue pair q ─► rx[q] locked by this thread? ── no ─► release the queue
+//!       │                                 │ yes                        it holds, lock rx[q]
+//!       │                                 ▼                            (kept: thread-local)
+//!       burst open? ── no ─► vring lock once: ready/enabled, copy the Queue, memory snapshot
 //!       filter (ctrl RX mode) ─► offloads: pass through, or Segmenter::adapt in software
 //!       gather chains until they hold hdr + frame (MRG_RXBUF) or one chain (no MRG_RXBUF)
+//!         (avail idx read at the burst's first frame, again only when its heads run out)
 //!       copy header + frame, write used elements  ─── used idx NOT published yet
-//!   Switch::end(batch) ─► RxSink::flush() ─► publish used idx once (Release), interrupt once
+//!   switch: next frame for another port ─► RxSink::release() ─► avail position back into
+//!                                                                the vring, unlock rx[q]
+//!   Switch::end(batch) ─► RxSink::flush() ─► publish used idx once (Release), interrupt once,
+//!                                            unlock
 //! ```
+//!
+//! **Bursts and lock order.** A switch batch delivers to one port after another, usually many
+//! frames in a row to the same one. The first delivery of such a run locks the RX queue and the
+//! lock is kept, in a thread-local slot, until the switch moves to another port
+//! ([`PortSink::release`]) or ends the batch (flush, then release): one queue lock, one vring
+//! lock, one memory snapshot and one avail index read per burst instead of per frame. A thread
+//! holds at most one RX queue lock at a time, and only between deliveries of one batch; it never
+//! waits for another lock while holding it except the vring's own (a leaf lock, held briefly),
+//! so two workers delivering into each other's queues at the same time (A's TX into B while
+//! B's TX floods into A) cannot deadlock. The control path (`attach`, `detach`, parameters)
+//! first releases whatever its own thread holds. While a burst runs, the queue's avail
+//! position lives in the burst's copy of the `Queue`; `GET_VRING_BASE` reaches `detach` only
+//! after the burst ends, so the frontend always reads the final position.
 //!
 //! Publishing once per batch is not only cheaper: with mergeable buffers Linux reads
 //! `num_buffers` and expects all of a frame's used entries to be visible together, so used
@@ -15,8 +35,11 @@
 //! A frame is never partially written: when the ring has too few buffers the chains taken are
 //! put back (`set_next_avail`) and the frame is dropped as `NoRxBuffers`.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{ArcMutexGuard, Mutex, MutexGuard, RawMutex};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
@@ -84,6 +107,9 @@ struct RxRing {
     pieces: Vec<Piece>,
     chains: Vec<RxChain>,
     pending: u16,
+    /// Within a burst: the avail index read last (`Some(None)`: not read yet this burst).
+    /// Outside a burst (`None`) every frame reads it.
+    burst_avail: Option<Option<u16>>,
 }
 
 /// One RX queue's engine: queue-level logic with no vhost-user plumbing, driven by tests
@@ -105,6 +131,7 @@ impl RxEngine {
                 pieces: Vec::with_capacity(256),
                 chains: Vec::with_capacity(64),
                 pending: 0,
+                burst_avail: None,
             },
             seg: Segmenter::new(),
             filter,
@@ -124,6 +151,18 @@ impl RxEngine {
     /// Forget unpublished used elements (device reset).
     pub fn reset(&mut self) {
         self.ring.pending = 0;
+        self.ring.burst_avail = None;
+    }
+
+    /// Start a burst: the following deliveries go to the same queue, one after another, so
+    /// the avail index is read once and again only when the heads it announced run out.
+    pub fn begin_burst(&mut self) {
+        self.ring.burst_avail = Some(None);
+    }
+
+    /// End a burst: every delivery reads the avail index again.
+    pub fn end_burst(&mut self) {
+        self.ring.burst_avail = None;
     }
 
     /// Deliver one frame into `queue`: filter, adapt offloads, write. Used elements are
@@ -189,9 +228,30 @@ impl RxRing {
         let mut cap = 0usize;
         let mut bad = None;
         {
-            let mut avail = AvailCursor::new(cache, queue).map_err(|_| DropReason::Malformed)?;
+            let mut avail = match self.burst_avail {
+                Some(Some(idx)) => AvailCursor::resume(cache, queue, idx),
+                _ => AvailCursor::new(cache, queue),
+            }
+            .map_err(|_| DropReason::Malformed)?;
+            let mut fresh = !matches!(self.burst_avail, Some(Some(_)));
+            let mut bad_idx = false;
             while cap < need {
-                let Some(head) = avail.next(queue) else { break };
+                let head = match avail.next(queue) {
+                    Some(h) => h,
+                    // The heads known in this burst ran out: look for new ones once.
+                    None if !fresh => {
+                        fresh = true;
+                        if avail.refresh(queue).is_err() {
+                            bad_idx = true;
+                            break;
+                        }
+                        match avail.next(queue) {
+                            Some(h) => h,
+                            None => break,
+                        }
+                    }
+                    None => break,
+                };
                 let first = self.pieces.len();
                 match desc::walk_chain_in(
                     cache,
@@ -214,6 +274,15 @@ impl RxRing {
                 if bad.is_some() || !mrg {
                     break;
                 }
+            }
+            if self.burst_avail.is_some() {
+                self.burst_avail = Some(Some(avail.idx()));
+            }
+            if bad_idx {
+                // The index went bad since the burst began: give back what was taken.
+                queue.set_next_avail(start);
+                self.burst_avail = self.burst_avail.map(|_| None);
+                return Err(DropReason::Malformed);
             }
         }
         let base = queue.next_used().wrapping_add(self.pending);
@@ -323,21 +392,116 @@ pub fn flow_hash(frame: &dyn Frame) -> u32 {
 pub struct RxQueue {
     vring: Option<Vring>,
     mem: Option<Gm>,
-    cached: Option<Arc<GuestMemoryMmap>>,
     engine: RxEngine,
+    burst: Option<Burst>,
+}
+
+/// A burst in progress: what the deliveries into one queue share between the first delivery
+/// and the flush (or release) that ends it. The queue's position is taken from the vring once
+/// and handed back once, so the vring's lock is not taken per frame.
+struct Burst {
+    memory: Arc<GuestMemoryMmap>,
+    queue: Queue,
+}
+
+impl RxQueue {
+    /// Start a burst (no-op when one is going on): check the vring runs, copy its queue.
+    fn open_burst(&mut self) -> Result<(), DropReason> {
+        if self.burst.is_some() {
+            return Ok(());
+        }
+        let (Some(vring), Some(gm)) = (self.vring.as_ref(), self.mem.as_ref()) else {
+            return Err(DropReason::NotReady);
+        };
+        let state = {
+            let st = vring.get_ref();
+            if !st.get_queue().ready() || !st.is_enabled() {
+                return Err(DropReason::NotReady);
+            }
+            st.get_queue().state()
+        };
+        let queue = Queue::try_from(state).map_err(|_| DropReason::NotReady)?;
+        self.burst = Some(Burst {
+            memory: gm.memory().into_inner(),
+            queue,
+        });
+        self.engine.begin_burst();
+        Ok(())
+    }
+
+    /// End the burst, if any: hand the avail position back to the vring; with `publish`,
+    /// also publish the used elements written (and interrupt if the driver wants one).
+    fn close(&mut self, publish: bool) {
+        let burst = self.burst.take();
+        self.engine.end_burst();
+        let publish = publish && self.engine.pending() > 0;
+        if burst.is_none() && !publish {
+            return;
+        }
+        let Some(v) = self.vring.as_ref() else { return };
+        let mut st = v.get_mut();
+        let memory = match burst {
+            // Only the avail position moves during a burst: the used index moves here.
+            Some(b) => {
+                st.get_queue_mut().set_next_avail(b.queue.next_avail());
+                b.memory
+            }
+            None => match self.mem.as_ref() {
+                Some(gm) => gm.memory().into_inner(),
+                None => return,
+            },
+        };
+        if publish {
+            match self.engine.publish(&memory, st.get_queue_mut()) {
+                Ok(true) => {
+                    let _ = st.signal_used_queue();
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    if desc::log_allowed() {
+                        log::warn!("rx: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The RX queue this thread keeps locked between deliveries (a burst), and which one it is.
+struct Open {
+    key: usize,
+    guard: ArcMutexGuard<RawMutex, RxQueue>,
+}
+
+thread_local! {
+    /// At most one RX queue (of any device) is kept locked per thread, and only between
+    /// deliveries of one switch batch to one port: the switch releases it
+    /// ([`PortSink::release`]) before it delivers to another port and when the batch ends,
+    /// so a thread never waits for a lock while it holds one of these.
+    static OPEN: RefCell<Option<Open>> = const { RefCell::new(None) };
+}
+
+/// End the burst this thread keeps open, if any (without publishing: a flush follows), and
+/// unlock its queue.
+fn release_open() {
+    let old = OPEN.with(|o| o.try_borrow_mut().ok().and_then(|mut o| o.take()));
+    if let Some(mut o) = old {
+        o.guard.close(false);
+    }
 }
 
 /// The RX side of a device as a switch port: a [`PortSink`] over its RX queues.
+///
+/// Deliveries of one batch into one queue form a burst: the queue's lock is taken at the first
+/// and kept (per thread, see `OPEN`) until the switch flushes or releases the port; the vring's
+/// lock, the guest memory snapshot and the avail index are taken once per burst, the used index
+/// is published and the driver interrupted at most once per flush.
 pub struct RxSink {
     name: String,
-    queues: Vec<Mutex<RxQueue>>,
+    queues: Vec<Arc<Mutex<RxQueue>>>,
     dirty: AtomicU32,
     live: AtomicU32,
     active_pairs: AtomicU16,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RxSink {
@@ -345,12 +509,12 @@ impl RxSink {
     pub fn new(name: &str, pairs: u16, filter: RxFilter) -> Self {
         let queues = (0..pairs)
             .map(|_| {
-                Mutex::new(RxQueue {
+                Arc::new(Mutex::new(RxQueue {
                     vring: None,
                     mem: None,
-                    cached: None,
                     engine: RxEngine::new(RxParams::default(), filter.clone()),
-                })
+                    burst: None,
+                }))
             })
             .collect();
         RxSink {
@@ -362,10 +526,22 @@ impl RxSink {
         }
     }
 
+    /// Lock RX queue `q` for the control path (nothing of this thread stays open).
+    fn lock_queue(&self, q: usize) -> Option<MutexGuard<'_, RxQueue>> {
+        release_open();
+        self.queues.get(q).map(|m| m.lock())
+    }
+
     /// Start delivering into RX queue `q` through `vring` (idempotent).
     pub fn attach(&self, q: usize, vring: &Vring, mem: &Gm) {
-        let Some(m) = self.queues.get(q) else { return };
-        let mut rq = lock(m);
+        // Called on every TX kick: a live queue is left alone without taking its lock (another
+        // worker may hold it for a burst). `detach` clears the bit before it forgets the vring.
+        if q < 32 && self.live.load(Ordering::Acquire) & (1 << q) != 0 {
+            return;
+        }
+        let Some(mut rq) = self.lock_queue(q) else {
+            return;
+        };
         if rq.vring.is_none() {
             {
                 let st = vring.get_ref();
@@ -377,35 +553,21 @@ impl RxSink {
             let _ = vring.disable_notification();
             rq.vring = Some(vring.clone());
             rq.mem = Some(mem.clone());
-            rq.cached = None;
+            rq.burst = None;
             self.live.fetch_or(1 << q, Ordering::SeqCst);
         }
     }
 
     /// Stop touching RX queue `q`: publish what is pending, then forget the vring.
     pub fn detach(&self, q: usize) {
-        let Some(m) = self.queues.get(q) else { return };
-        let mut rq = lock(m);
+        let Some(mut rq) = self.lock_queue(q) else {
+            return;
+        };
         self.live.fetch_and(!(1 << q), Ordering::SeqCst);
-        let RxQueue {
-            vring,
-            mem,
-            cached,
-            engine,
-        } = &mut *rq;
-        if let (Some(v), Some(gm)) = (vring.as_ref(), mem.as_ref()) {
-            if engine.pending() > 0 {
-                let memory = gm.memory();
-                let mut st = v.get_mut();
-                if let Ok(true) = engine.publish(&memory, st.get_queue_mut()) {
-                    let _ = st.signal_used_queue();
-                }
-            }
-        }
-        engine.reset();
-        *vring = None;
-        *mem = None;
-        *cached = None;
+        rq.close(true);
+        rq.engine.reset();
+        rq.vring = None;
+        rq.mem = None;
     }
 
     /// Detach every queue (reset, disconnect).
@@ -417,17 +579,20 @@ impl RxSink {
 
     /// Set the negotiated parameters on every queue.
     pub fn set_params(&self, p: RxParams) {
-        for m in &self.queues {
-            lock(m).engine.set_params(p);
+        for q in 0..self.queues.len() {
+            if let Some(mut rq) = self.lock_queue(q) {
+                rq.engine.set_params(p);
+            }
         }
     }
 
     /// Set the receive filter on every queue.
     pub fn set_filter(&self, f: &RxFilter) {
-        for m in &self.queues {
-            let mut rq = lock(m);
-            if rq.engine.filter != *f {
-                rq.engine.filter = f.clone();
+        for q in 0..self.queues.len() {
+            if let Some(mut rq) = self.lock_queue(q) {
+                if rq.engine.filter != *f {
+                    rq.engine.filter = f.clone();
+                }
             }
         }
     }
@@ -460,27 +625,42 @@ impl RxSink {
         let Some(m) = self.queues.get(q) else {
             return Err(DropReason::NotReady);
         };
-        let mut guard = lock(m);
-        let rq = &mut *guard;
-        let Some(vring) = rq.vring.as_ref() else {
-            return Err(DropReason::NotReady);
-        };
-        if rq.cached.is_none() {
-            match rq.mem.as_ref() {
-                Some(gm) => rq.cached = Some(gm.memory().into_inner()),
-                None => return Err(DropReason::NotReady),
-            }
-        }
-        let Some(memory) = rq.cached.as_deref() else {
-            return Err(DropReason::NotReady);
-        };
-        let res = {
-            let mut st = vring.get_mut();
-            if !st.get_queue().ready() || !st.is_enabled() {
+        let key = Arc::as_ptr(m) as usize;
+        OPEN.with(|cell| {
+            // Never borrowed elsewhere while a delivery runs (deliveries do not nest).
+            let Ok(mut open) = cell.try_borrow_mut() else {
                 return Err(DropReason::NotReady);
+            };
+            if open.as_ref().is_none_or(|o| o.key != key) {
+                // Another queue (of this or another device) first: one lock at a time.
+                if let Some(mut old) = open.take() {
+                    old.guard.close(false);
+                }
+                *open = Some(Open {
+                    key,
+                    guard: m.lock_arc(),
+                });
             }
-            rq.engine.deliver(memory, st.get_queue_mut(), frame, hdr)
+            let Some(o) = open.as_mut() else {
+                return Err(DropReason::NotReady);
+            };
+            self.deliver_locked(q, &mut o.guard, frame, hdr)
+        })
+    }
+
+    fn deliver_locked(
+        &self,
+        q: usize,
+        rq: &mut RxQueue,
+        frame: &dyn Frame,
+        hdr: &NetHdr,
+    ) -> Result<(), DropReason> {
+        rq.open_burst()?;
+        let RxQueue { burst, engine, .. } = rq;
+        let Some(b) = burst.as_mut() else {
+            return Err(DropReason::NotReady);
         };
+        let res = engine.deliver(&b.memory, &mut b.queue, frame, hdr);
         if rq.engine.pending() > 0 {
             if res.is_ok() {
                 // Frames after the first of a batch find the bit set: skip the atomic RMW.
@@ -491,7 +671,7 @@ impl RxSink {
                 }
             } else {
                 // No flush follows a failed delivery: publish what was written now.
-                Self::publish_queue(rq);
+                rq.close(true);
             }
         }
         if let Err(
@@ -505,39 +685,6 @@ impl RxSink {
             desc::log_drop(&self.name, "rx", r);
         }
         res
-    }
-
-    fn publish_queue(rq: &mut RxQueue) {
-        let RxQueue {
-            vring,
-            mem,
-            cached,
-            engine,
-        } = rq;
-        if engine.pending() > 0 {
-            if let Some(v) = vring.as_ref() {
-                let memory = match cached.take() {
-                    Some(m) => m,
-                    None => match mem.as_ref() {
-                        Some(gm) => gm.memory().into_inner(),
-                        None => return,
-                    },
-                };
-                let mut st = v.get_mut();
-                match engine.publish(&memory, st.get_queue_mut()) {
-                    Ok(true) => {
-                        let _ = st.signal_used_queue();
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        if desc::log_allowed() {
-                            log::warn!("rx: {e}");
-                        }
-                    }
-                }
-            }
-        }
-        *cached = None;
     }
 }
 
@@ -564,10 +711,31 @@ impl PortSink for RxSink {
         while mask != 0 {
             let q = mask.trailing_zeros() as usize;
             mask &= mask - 1;
-            if let Some(m) = self.queues.get(q) {
-                Self::publish_queue(&mut lock(m));
+            let Some(m) = self.queues.get(q) else {
+                continue;
+            };
+            let key = Arc::as_ptr(m) as usize;
+            // This thread's open burst on this queue: publish under the lock it holds.
+            let mine = OPEN.with(|c| {
+                let mut o = c.try_borrow_mut().ok()?;
+                if o.as_ref()?.key == key {
+                    o.take()
+                } else {
+                    None
+                }
+            });
+            match mine {
+                Some(mut o) => o.guard.close(true),
+                None => {
+                    release_open();
+                    m.lock().close(true);
+                }
             }
         }
+    }
+
+    fn release(&self) {
+        release_open();
     }
 }
 
@@ -576,6 +744,7 @@ mod tests {
     use super::*;
     use crate::desc::tests::{test_mem, Driver};
     use crate::tx::tests::eth;
+    use vhost_user_backend::VringT;
     use virtnet_switch::hdr::{FLAG_NEEDS_CSUM, GSO_TCPV4};
     use virtnet_switch::SliceFrame;
     use vm_memory::{Bytes, GuestAddress};
@@ -881,5 +1050,111 @@ mod tests {
         );
         s.flush();
         assert!(!s.is_running());
+    }
+
+    /// A live vring over `d`'s queue, as the vhost-user handler would set it up.
+    fn live_vring(gm: &Gm, d: &Driver<'_>, size: u16) -> Vring {
+        let q = d.queue();
+        let v = <Vring as VringT<Gm>>::new(gm.clone(), size).unwrap();
+        v.set_queue_size(size);
+        v.set_queue_info(q.desc_table(), q.avail_ring(), q.used_ring())
+            .unwrap();
+        v.set_queue_ready(true);
+        v.set_enabled(true);
+        v
+    }
+
+    #[test]
+    fn sink_bursts_publish_once_and_release_lets_others_in() {
+        let mem = test_mem();
+        let gm = GuestMemoryAtomic::new(mem.clone());
+        let mut d = Driver::new(&mem, 16);
+        for i in 0..8u64 {
+            d.chain(&[(0x10_0000 + i * 0x1000, 2048, true)]);
+        }
+        let vring = live_vring(&gm, &d, 16);
+        let s = Arc::new(RxSink::new("t", 1, RxFilter::new(None)));
+        s.set_params(RxParams::new(&Negotiated::new(f::VERSION_1 | f::MRG_RXBUF)));
+        s.attach(0, &vring, &gm);
+        assert!(s.is_running());
+        // A burst of three: written, but neither the used index nor the vring's avail
+        // position moves until the flush.
+        for i in 0..3 {
+            s.deliver(&SliceFrame(&eth(60 + i, 1, 2)), &NetHdr::NONE)
+                .unwrap();
+        }
+        assert_eq!(d.used_idx(), 0);
+        assert_eq!(vring.queue_next_avail(), 0, "held by the burst");
+        s.flush();
+        assert_eq!(d.used_idx(), 3);
+        assert_eq!(vring.queue_next_avail(), 3);
+        assert_eq!(d.used(2), (2, 12 + 62));
+        // This thread opens a burst; another thread's delivery waits for the release.
+        s.deliver(&SliceFrame(&eth(100, 1, 2)), &NetHdr::NONE)
+            .unwrap();
+        let (s2, done) = (s.clone(), Arc::new(AtomicU32::new(0)));
+        let done2 = done.clone();
+        let t = std::thread::spawn(move || {
+            s2.deliver(&SliceFrame(&eth(101, 1, 2)), &NetHdr::NONE)
+                .unwrap();
+            done2.store(1, Ordering::SeqCst);
+            s2.flush();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            0,
+            "the queue is locked by the burst"
+        );
+        s.release();
+        t.join().unwrap();
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+        // The other thread's flush published both frames, in order.
+        assert_eq!(d.used_idx(), 5);
+        assert_eq!(d.used(3), (3, 112));
+        assert_eq!(d.used(4), (4, 113));
+        // The control path on the thread that holds a burst does not deadlock: detach
+        // releases it and publishes what was written.
+        s.deliver(&SliceFrame(&eth(60, 1, 2)), &NetHdr::NONE)
+            .unwrap();
+        s.detach(0);
+        assert_eq!(d.used_idx(), 6);
+        assert_eq!(vring.queue_next_avail(), 6);
+        assert!(!s.is_running());
+        assert_eq!(
+            s.deliver(&SliceFrame(&eth(60, 1, 2)), &NetHdr::NONE),
+            Err(DropReason::NotReady)
+        );
+    }
+
+    #[test]
+    fn burst_looks_again_for_buffers_when_the_known_ones_run_out() {
+        let mem = test_mem();
+        let mut d = Driver::new(&mem, 16);
+        d.chain(&[(0x10_0000, 2048, true)]);
+        let mut q = d.queue();
+        let mut e = engine(f::VERSION_1 | f::MRG_RXBUF);
+        e.begin_burst();
+        e.deliver(&mem, &mut q, &SliceFrame(&eth(60, 1, 2)), &NetHdr::NONE)
+            .unwrap();
+        // More buffers arrive during the burst: found when the known ones run out.
+        d.chain(&[(0x10_1000, 2048, true)]);
+        e.deliver(&mem, &mut q, &SliceFrame(&eth(60, 1, 2)), &NetHdr::NONE)
+            .unwrap();
+        assert_eq!(
+            e.deliver(&mem, &mut q, &SliceFrame(&eth(60, 1, 2)), &NetHdr::NONE),
+            Err(DropReason::NoRxBuffers)
+        );
+        // A bogus index seen in the middle of a burst: nothing taken, nothing written.
+        d.chain(&[(0x10_2000, 2048, true)]);
+        d.mock.avail().idx().store(u16::to_le(3 + 1000));
+        assert_eq!(
+            e.deliver(&mem, &mut q, &SliceFrame(&eth(60, 1, 2)), &NetHdr::NONE),
+            Err(DropReason::Malformed)
+        );
+        assert_eq!(q.next_avail(), 2);
+        e.end_burst();
+        e.publish(&mem, &mut q).unwrap();
+        assert_eq!(d.used_idx(), 2);
     }
 }

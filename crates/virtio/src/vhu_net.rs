@@ -14,10 +14,17 @@
 //! every kick. The RX queue's vring is handed to the device's [`crate::rx::RxSink`] then, so
 //! other ports can deliver into it; `stop_vring` (GET_VRING_BASE) and `reset_device` take it
 //! back before the frontend sees the answer.
+//!
+//! TX (`process_tx`): notifications off (EVENT_IDX: `avail_event` left where it was armed;
+//! otherwise `VRING_USED_F_NO_NOTIFY`), drain batches of [`crate::tx::TX_BATCH`] chains through
+//! the switch, and when the queue is dry poll its avail index for a short adaptive window
+//! (`BusyPoll`, at most [`NetDevice::busy_poll`]) before re-arming notifications and sleeping:
+//! under load the driver never has to kick and the worker never waits for an epoll wake-up.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -68,6 +75,70 @@ struct TxWorker {
     batch: TxBatch,
     scratch: TxScratch,
     params: TxParams,
+    poll: BusyPoll,
+}
+
+/// The adaptive busy-poll window of one TX worker.
+///
+/// When the TX queue runs dry the worker watches the avail index for up to `window` before it
+/// re-enables notifications and sleeps: under load the next batch usually comes sooner than a
+/// kick would (an eventfd write by the driver, an epoll wake-up here: tens of microseconds on a
+/// busy host), and while the worker polls the driver sees notifications off and does not kick
+/// at all. The window adapts between `max / 16` and `max`: it doubles when a kick arrives less
+/// than `max` after the worker went to sleep (polling longer would have caught it) and halves
+/// when the worker slept longer (idle, or slow traffic), so an idle port costs at most a few
+/// microseconds of spinning per kick.
+#[derive(Debug)]
+struct BusyPoll {
+    window: Duration,
+    slept_at: Option<Instant>,
+}
+
+impl BusyPoll {
+    fn new() -> Self {
+        BusyPoll {
+            window: Duration::ZERO,
+            slept_at: None,
+        }
+    }
+
+    /// A kick woke the worker: adapt the window to how long it slept.
+    fn woke(&mut self, max: Duration) {
+        let min = max / 16;
+        if let Some(t) = self.slept_at.take() {
+            self.window = if t.elapsed() < max {
+                (self.window * 2).clamp(min, max)
+            } else {
+                (self.window / 2).clamp(min, max)
+            };
+        }
+        self.window = self.window.min(max);
+    }
+
+    /// Spin until `more` says there is work or the window closes; true when there is work.
+    ///
+    /// Every few probes the worker yields its CPU: when another worker shares it (both
+    /// directions of a flow, queue pairs of several ports on one core) that one runs instead of
+    /// waiting for this one's window to close; alone on its CPU, the yield returns at once.
+    fn spin(&mut self, mut more: impl FnMut() -> bool) -> bool {
+        if self.window.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        loop {
+            // The clock is read every few probes (a probe is one load from the avail ring).
+            for _ in 0..16 {
+                if more() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= self.window {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -96,6 +167,7 @@ impl VhostUserNetBackend {
                     batch: dev.switch().new_batch(),
                     scratch: TxScratch::new(),
                     params,
+                    poll: BusyPoll::new(),
                 })
             })
             .collect();
@@ -126,11 +198,12 @@ impl VhostUserNetBackend {
         let mem = gm.memory();
         let name = &self.dev.config().name;
         let mut st = vring.get_mut();
-        let event_idx = st.get_queue().event_idx_enabled();
+        let max_poll = self.dev.busy_poll();
+        w.poll.woke(max_poll);
         loop {
-            if event_idx {
-                let _ = st.get_queue_mut().disable_notification(&*mem);
-            }
+            // EVENT_IDX: nothing to do (avail_event stays where it was armed, so the driver
+            // kicks at most once until it is armed again); otherwise VRING_USED_F_NO_NOTIFY.
+            let _ = st.get_queue_mut().disable_notification(&*mem);
             match process_tx_queue(
                 &mem,
                 st.get_queue_mut(),
@@ -156,15 +229,23 @@ impl VhostUserNetBackend {
                     return;
                 }
             }
-            if !event_idx {
-                return;
+            // Dry: poll a little before paying for a kick and a wake-up.
+            let q = st.get_queue();
+            if w.poll.spin(|| {
+                q.avail_idx(&*mem, Ordering::Acquire)
+                    .is_ok_and(|i| i.0 != q.next_avail())
+            }) {
+                continue;
             }
-            // Re-arm (EVENT_IDX: avail_event = next_avail) and look again: a chain made
-            // available meanwhile would otherwise never be kicked. Every round consumes at
-            // least one chain, so this ends when the guest stops sending.
+            // Re-arm (EVENT_IDX: avail_event = next_avail; else clear NO_NOTIFY) and look
+            // again: a chain made available meanwhile would otherwise never be kicked. Every
+            // round consumes at least one chain, so this ends when the guest stops sending.
             match st.get_queue_mut().enable_notification(&*mem) {
                 Ok(true) => continue,
-                _ => return,
+                _ => {
+                    w.poll.slept_at = Some(Instant::now());
+                    return;
+                }
             }
         }
     }
@@ -377,5 +458,43 @@ mod tests {
         assert!(b.handle_event(9, EventSet::IN, &[], 0).is_ok());
         assert!(b.handle_event(0, EventSet::HANG_UP, &[], 0).is_ok());
         assert!(b.handle_event(RX_QUEUE_EVENT, EventSet::IN, &[], 0).is_ok());
+    }
+
+    #[test]
+    fn busy_poll_window_adapts_within_bounds() {
+        let max = Duration::from_micros(160);
+        let mut p = BusyPoll::new();
+        p.woke(max);
+        assert_eq!(
+            p.window,
+            Duration::ZERO,
+            "no polling before the first sleep"
+        );
+        assert!(!p.spin(|| true), "a zero window never polls");
+        // Kicks that come soon after the worker slept widen the window up to max.
+        for want in [10, 20, 40, 80, 160, 160] {
+            p.slept_at = Some(Instant::now());
+            p.woke(max);
+            assert_eq!(p.window, Duration::from_micros(want));
+        }
+        // A long sleep narrows it, never below max / 16.
+        for want in [80, 40, 20, 10, 10] {
+            p.slept_at = Instant::now().checked_sub(Duration::from_millis(5));
+            p.woke(max);
+            assert_eq!(p.window, Duration::from_micros(want));
+        }
+        // Spinning stops at once when there is work, and after the window when there is not.
+        assert!(p.spin(|| true));
+        let t = Instant::now();
+        let mut probes = 0;
+        assert!(!p.spin(|| {
+            probes += 1;
+            false
+        }));
+        assert!(t.elapsed() >= p.window && probes > 0);
+        // Turning polling off (max 0) closes the window.
+        p.slept_at = Some(Instant::now());
+        p.woke(Duration::ZERO);
+        assert_eq!(p.window, Duration::ZERO);
     }
 }
