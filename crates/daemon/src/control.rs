@@ -83,6 +83,9 @@ pub struct NetworkStats {
     /// The network services (DHCP leases, counters), when the network runs them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<crate::mode_hostonly::ServicesReport>,
+    /// The NAT gateway's counters, on `nat` networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<crate::mode_nat::NatReport>,
 }
 
 /// One port in [`StatsReport`]. Directions are the switch's: `rx` is what the switch received
@@ -289,6 +292,7 @@ mod tests {
                 mode: "internal".into(),
                 ports: vec![port],
                 services: None,
+                nat: None,
             }],
         }
     }

@@ -188,6 +188,7 @@ impl Daemon {
                     mode: n.mode.name().into(),
                     ports,
                     services: n.mode.services(),
+                    nat: n.mode.nat(),
                 }
             })
             .collect();
@@ -349,6 +350,9 @@ mod tests {
         let s = d.stats();
         assert_eq!(s.networks[0].mode, "nat");
         assert!(s.networks[0].ports.iter().any(|p| p.name == "t-gateway"));
+        let nat = s.networks[0].nat.as_ref().expect("NAT counters in stats");
+        assert_eq!(nat.counters["tcp_flows"], 0);
+        assert!(nat.counters.contains_key("closed_gone"), "{nat:?}");
         d.stop();
         assert!(!dir.path().join("ctl.sock").exists());
     }

@@ -77,6 +77,11 @@ pub trait NetMode: Send + Sync {
         None
     }
 
+    /// The NAT gateway's counters (flows, denials, drops), if the mode runs one.
+    fn nat(&self) -> Option<crate::mode_nat::NatReport> {
+        None
+    }
+
     /// Periodic housekeeping from the control loop (FDB ageing, leases…).
     fn tick(&self) {
         self.switch().age();

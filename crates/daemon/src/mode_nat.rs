@@ -236,6 +236,33 @@ pub fn default_network(name: &str) -> NetworkConfig {
     }
 }
 
+/// The NAT gateway in the `stats` answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatReport {
+    /// Counters by name: open `tcp_flows`/`udp_flows`/`icmp_flows`; `denied` (policy),
+    /// `over_limit` (flows per guest), `dropped` (frames not parsed or not handled),
+    /// `tcp_rescues` (stalled retransmissions restarted), `closed_gone` (flows closed because
+    /// their guest left).
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// The report of the gateway's counters.
+pub fn nat_report(s: &virtnet_port_nat::NatStats) -> NatReport {
+    let counters = [
+        ("tcp_flows", s.tcp_flows as u64),
+        ("udp_flows", s.udp_flows as u64),
+        ("icmp_flows", s.icmp_flows as u64),
+        ("denied", s.denied),
+        ("over_limit", s.over_limit),
+        ("dropped", s.dropped),
+        ("tcp_rescues", s.tcp_rescues),
+        ("closed_gone", s.closed_gone),
+    ];
+    NatReport {
+        counters: counters.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+    }
+}
+
 /// `nat`: a switch, the services and the NAT gateway.
 pub struct NatMode {
     switch: Arc<Switch>,
@@ -284,6 +311,10 @@ impl NetMode for NatMode {
 
     fn services(&self) -> Option<ServicesReport> {
         self.services.as_ref().map(mode_hostonly::services_report)
+    }
+
+    fn nat(&self) -> Option<NatReport> {
+        Some(nat_report(&self.gateway.stats()))
     }
 
     fn shutdown(self: Box<Self>) {

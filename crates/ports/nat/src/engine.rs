@@ -306,6 +306,8 @@ pub struct NatStats {
     /// TCP loss rescues: stalled retransmissions restarted by the engine (see
     /// `tcp_bulk_both_ways_over_loss`; smoltcp 0.12 can lose its retransmission timer).
     pub tcp_rescues: u64,
+    /// Flows closed because their guest left (port removed, driver reset).
+    pub closed_gone: u64,
 }
 
 /// A translation engine: the gateway's L2-to-L4 logic, replaceable (e.g. by a passt-style
@@ -321,6 +323,9 @@ pub trait Engine: Send {
     fn poll_at(&mut self, now: Duration) -> Option<Duration>;
     /// Close every flow (the port is going away): resets to the guests, closes on the host.
     fn close_all(&mut self, out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>);
+    /// The station `mac` left the network (its port was removed, or its driver reset): close
+    /// the flows of the guest addresses last seen from it.
+    fn close_guest(&mut self, mac: [u8; 6], out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>);
     /// Counters.
     fn stats(&self) -> NatStats;
 }
@@ -330,37 +335,89 @@ pub trait Engine: Send {
 struct Link {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
+    /// Buffers of consumed `rx` frames, for the next ones (no allocation per frame when warm).
+    rx_free: Vec<Vec<u8>>,
+    /// Buffers of sent `tx` frames.
+    tx_free: Vec<Vec<u8>>,
 }
 
-struct RxTok(Vec<u8>);
-struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>);
+/// Free buffers a link keeps per direction.
+const LINK_FREE_MAX: usize = 256;
 
-impl smoltcp::phy::RxToken for RxTok {
+fn recycle(free: &mut Vec<Vec<u8>>, b: Vec<u8>) {
+    if free.len() < LINK_FREE_MAX {
+        free.push(b);
+    }
+}
+
+impl Link {
+    /// Queue a copy of `frame` for the stack.
+    fn push_rx(&mut self, frame: &[u8]) {
+        let mut b = self.rx_free.pop().unwrap_or_default();
+        b.clear();
+        b.extend_from_slice(frame);
+        self.rx.push_back(b);
+    }
+
+    /// A frame from `tx` was sent: keep its buffer.
+    fn sent(&mut self, b: Vec<u8>) {
+        recycle(&mut self.tx_free, b);
+    }
+}
+
+struct RxTok<'a> {
+    buf: Vec<u8>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+struct TxTok<'a> {
+    tx: &'a mut VecDeque<Vec<u8>>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+impl smoltcp::phy::RxToken for RxTok<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let RxTok { buf, free } = self;
+        let r = f(&buf);
+        recycle(free, buf);
+        r
     }
 }
 
 impl smoltcp::phy::TxToken for TxTok<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
+        let mut buf = self.free.pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(len, 0);
         let r = f(&mut buf);
-        self.0.push_back(buf);
+        self.tx.push_back(buf);
         r
     }
 }
 
 impl Device for Link {
-    type RxToken<'a> = RxTok;
+    type RxToken<'a> = RxTok<'a>;
     type TxToken<'a> = TxTok<'a>;
 
-    fn receive(&mut self, _t: SInstant) -> Option<(RxTok, TxTok<'_>)> {
-        let f = self.rx.pop_front()?;
-        Some((RxTok(f), TxTok(&mut self.tx)))
+    fn receive(&mut self, _t: SInstant) -> Option<(RxTok<'_>, TxTok<'_>)> {
+        let buf = self.rx.pop_front()?;
+        Some((
+            RxTok {
+                buf,
+                free: &mut self.rx_free,
+            },
+            TxTok {
+                tx: &mut self.tx,
+                free: &mut self.tx_free,
+            },
+        ))
     }
 
     fn transmit(&mut self, _t: SInstant) -> Option<TxTok<'_>> {
-        Some(TxTok(&mut self.tx))
+        Some(TxTok {
+            tx: &mut self.tx,
+            free: &mut self.tx_free,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -411,6 +468,14 @@ struct EchoFlow {
     last: Duration,
 }
 
+/// Flows of one guest address.
+#[derive(Clone, Copy, Debug)]
+struct GuestFlows {
+    count: usize,
+    /// Where the address was last seen (all zeros until the guest sends: inbound forwards).
+    mac: [u8; 6],
+}
+
 /// The engine on smoltcp: one any-IP [`Interface`] terminates guest TCP; UDP and ICMP echo
 /// are translated directly.
 pub struct SmolEngine {
@@ -424,7 +489,8 @@ pub struct SmolEngine {
     udp_keys: HashMap<Key, FlowId>,
     echo: HashMap<FlowId, EchoFlow>,
     echo_keys: HashMap<(Ipv4Addr, Ipv4Addr, u16), FlowId>,
-    per_guest: HashMap<Ipv4Addr, usize>,
+    /// Flows per guest address, and the MAC that address was last seen from.
+    per_guest: HashMap<Ipv4Addr, GuestFlows>,
     frames: VecDeque<Vec<u8>>,
     pending_cmds: Vec<HostCmd>,
     now: Duration,
@@ -575,27 +641,110 @@ impl SmolEngine {
     }
 
     fn admit(&mut self, guest: Ipv4Addr) -> bool {
-        let n = self.per_guest.entry(guest).or_insert(0);
-        if *n >= self.policy.max_flows_per_guest {
+        let g = self.per_guest.entry(guest).or_insert(GuestFlows {
+            count: 0,
+            mac: [0; 6],
+        });
+        if g.count >= self.policy.max_flows_per_guest {
             self.stats.over_limit += 1;
             return false;
         }
-        *n += 1;
+        g.count += 1;
         true
     }
 
     fn release(&mut self, guest: Ipv4Addr) {
-        if let Some(n) = self.per_guest.get_mut(&guest) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(g) = self.per_guest.get_mut(&guest) {
+            g.count = g.count.saturating_sub(1);
+            if g.count == 0 {
                 self.per_guest.remove(&guest);
             }
         }
     }
 
+    /// The guest address of a TCP flow (outbound flows are keyed guest first).
+    fn tcp_guest(id: FlowId, f: &TcpFlow) -> Ipv4Addr {
+        if id >= DRIVER_IDS {
+            *f.key.1.ip()
+        } else {
+            *f.key.0.ip()
+        }
+    }
+
+    /// The guest address of a UDP flow.
+    fn udp_guest(f: &UdpFlow) -> Ipv4Addr {
+        if f.inbound {
+            *f.key.1.ip()
+        } else {
+            *f.key.0.ip()
+        }
+    }
+
+    /// Close the flows of the guest addresses last seen from `mac`; returns how many.
+    fn close_flows_of(&mut self, mac: [u8; 6]) -> usize {
+        let gone: Vec<Ipv4Addr> = self
+            .per_guest
+            .iter()
+            .filter(|(_, g)| g.mac == mac)
+            .map(|(&ip, _)| ip)
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        let tcp: Vec<FlowId> = self
+            .tcp
+            .iter()
+            .filter(|&(&id, f)| gone.contains(&Self::tcp_guest(id, f)))
+            .map(|(&id, _)| id)
+            .collect();
+        for &id in &tcp {
+            if let Some(h) = self.tcp.get(&id).and_then(|f| f.handle) {
+                self.sockets.get_mut::<tcp::Socket>(h).abort();
+            }
+        }
+        // The resets go out (a guest that only reset its driver hears them).
+        self.iface
+            .poll(sinstant(self.now), &mut self.link, &mut self.sockets);
+        for &id in &tcp {
+            self.remove_tcp(id);
+            self.pending_cmds
+                .push(HostCmd::TcpClose { id, reset: true });
+        }
+        let udp: Vec<FlowId> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| gone.contains(&Self::udp_guest(f)))
+            .map(|(&id, _)| id)
+            .collect();
+        for &id in &udp {
+            if let Some(f) = self.udp.remove(&id) {
+                self.udp_keys.remove(&f.key);
+                self.release(Self::udp_guest(&f));
+                self.pending_cmds.push(HostCmd::UdpClose { id });
+            }
+        }
+        let echo: Vec<FlowId> = self
+            .echo
+            .iter()
+            .filter(|(_, f)| gone.contains(&f.guest))
+            .map(|(&id, _)| id)
+            .collect();
+        for &id in &echo {
+            if let Some(f) = self.echo.remove(&id) {
+                self.echo_keys.remove(&(f.guest, f.dst, f.ident));
+                self.release(f.guest);
+                self.pending_cmds.push(HostCmd::EchoClose { id });
+            }
+        }
+        for ip in gone {
+            self.per_guest.remove(&ip);
+        }
+        tcp.len() + udp.len() + echo.len()
+    }
+
     fn feed_stack(&mut self, frame: &[u8]) {
         if self.link.rx.len() < RX_QUEUE {
-            self.link.rx.push_back(frame.to_vec());
+            self.link.push_rx(frame);
         } else {
             self.stats.dropped += 1;
         }
@@ -809,12 +958,7 @@ impl SmolEngine {
         if let Some(h) = f.handle {
             self.sockets.remove(h);
         }
-        let guest = if id >= DRIVER_IDS {
-            *f.key.1.ip()
-        } else {
-            *f.key.0.ip()
-        };
-        self.release(guest);
+        self.release(Self::tcp_guest(id, &f));
         Some(f)
     }
 
@@ -901,12 +1045,7 @@ impl SmolEngine {
         for id in old {
             if let Some(f) = self.udp.remove(&id) {
                 self.udp_keys.remove(&f.key);
-                let guest = if f.inbound {
-                    *f.key.1.ip()
-                } else {
-                    *f.key.0.ip()
-                };
-                self.release(guest);
+                self.release(Self::udp_guest(&f));
                 self.pending_cmds.push(HostCmd::UdpClose { id });
             }
         }
@@ -1013,6 +1152,7 @@ impl Engine for SmolEngine {
                     self.stats.dropped += 1;
                     return;
                 }
+
                 let l4 = &ip[ihl..total];
                 match proto {
                     PROTO_UDP => self.handle_udp(now, src_mac, src, dst, l4),
@@ -1020,6 +1160,10 @@ impl Engine for SmolEngine {
                     PROTO_ICMP => self.handle_echo(now, src_mac, src, dst, l4),
                     PROTO_TCP => self.handle_tcp(now, frame, src, dst, l4),
                     _ => self.stats.dropped += 1,
+                }
+                // Remember where the guest is (for `close_guest`); new flows included.
+                if let Some(g) = self.per_guest.get_mut(&src) {
+                    g.mac = src_mac;
                 }
             }
             _ => self.stats.dropped += 1,
@@ -1184,6 +1328,7 @@ impl Engine for SmolEngine {
         while let Some(f) = self.link.tx.pop_front() {
             self.track_sent(now, &f);
             out(&f);
+            self.link.sent(f);
         }
         while let Some(f) = self.frames.pop_front() {
             out(&f);
@@ -1244,6 +1389,17 @@ impl Engine for SmolEngine {
         self.per_guest.clear();
         while let Some(f) = self.link.tx.pop_front() {
             out(&f);
+            self.link.sent(f);
+        }
+        cmds.append(&mut self.pending_cmds);
+    }
+
+    fn close_guest(&mut self, mac: [u8; 6], out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>) {
+        let n = self.close_flows_of(mac);
+        self.stats.closed_gone += n as u64;
+        while let Some(f) = self.link.tx.pop_front() {
+            out(&f);
+            self.link.sent(f);
         }
         cmds.append(&mut self.pending_cmds);
     }
@@ -1931,6 +2087,66 @@ mod tests {
         sim.g
             .poll(sinstant(sim.now), &mut sim.link, &mut sim.sockets);
         assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+    }
+
+    #[test]
+    fn close_guest_closes_only_that_stations_flows() {
+        let mut sim = Sim::new(policy());
+        let (h, id) = established(&mut sim);
+        sim.eng.guest_frame(sim.now, &guest_udp(OUT, 1, 7, b"a"));
+        // Another guest (other MAC, other address) with a UDP flow of its own.
+        let other_mac = [0x02, 0, 0, 0, 0, 16];
+        let mut other = guest_udp(OUT, 1, 7, b"b");
+        other[6..12].copy_from_slice(&other_mac);
+        other[14 + 15] = 16;
+        let mut l3 = other[14..34].to_vec();
+        l3[10..12].copy_from_slice(&[0, 0]);
+        other[24..26].copy_from_slice(&checksum(&[&l3]).to_be_bytes());
+        sim.eng.guest_frame(sim.now, &other);
+        sim.step();
+        let udp: Vec<FlowId> = sim
+            .take()
+            .iter()
+            .filter_map(|c| match c {
+                HostCmd::UdpSend { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(udp.len(), 2, "one flow per guest");
+        // An unknown station: nothing happens.
+        let (mut out, mut cmds) = (Vec::new(), Vec::new());
+        sim.eng.close_guest(
+            [2, 9, 9, 9, 9, 9],
+            &mut |f: &[u8]| out.push(f.to_vec()),
+            &mut cmds,
+        );
+        assert!(cmds.is_empty() && out.is_empty());
+        // The first guest leaves: its TCP and UDP flows close, the other guest's stays.
+        sim.eng
+            .close_guest(G_MAC, &mut |f: &[u8]| out.push(f.to_vec()), &mut cmds);
+        assert!(
+            cmds.contains(&HostCmd::TcpClose { id, reset: true }),
+            "{cmds:?}"
+        );
+        assert!(cmds.contains(&HostCmd::UdpClose { id: udp[0] }), "{cmds:?}");
+        assert_eq!(cmds.len(), 2, "{cmds:?}");
+        let st = sim.eng.stats();
+        assert_eq!(
+            (st.closed_gone, st.udp_flows),
+            (2, 2),
+            "udp_flows updates on poll"
+        );
+        // A guest that only reset its driver hears the reset.
+        for f in out {
+            sim.link.rx.push_back(f);
+        }
+        sim.g
+            .poll(sinstant(sim.now), &mut sim.link, &mut sim.sockets);
+        assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+        sim.step();
+        let st = sim.eng.stats();
+        assert_eq!((st.tcp_flows, st.udp_flows), (0, 1));
+        assert!(sim.take().is_empty());
     }
 
     #[test]

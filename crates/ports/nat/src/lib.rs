@@ -17,8 +17,10 @@
 //! ```
 //!
 //! Limits of this version: IPv4 only (IPv6 frames are counted as dropped); frames are
-//! copied into owned buffers between the switch and the engine (a few allocations per frame;
-//! a buffer pool is the next step); the engine runs on one thread per network; smoltcp
+//! copied once from the switch into recycled buffers ([`pool`]) and the stack's own frames
+//! reuse theirs (no allocation per frame once warm; TCP payload moves to the host side in
+//! chunks of up to 64 KiB, one allocation per chunk; UDP and ICMP payloads allocate per
+//! datagram); the engine runs on one thread per network; smoltcp
 //! 0.12 can lose its retransmission timer (CLOSE-WAIT, CLOSING, FIN-WAIT-1 → CLOSING) and
 //! does not count duplicate ACKs that carry data, so a per-flow watchdog (`rescue`)
 //! restarts stalled retransmissions with a burst of duplicate ACKs (drop it when smoltcp
@@ -35,6 +37,7 @@
 
 pub mod engine;
 pub mod host;
+pub mod pool;
 pub mod port;
 mod rescue;
 
