@@ -251,6 +251,22 @@ pub enum Error {
         #[source]
         source: crate::mode_bridged::BridgedError,
     },
+    /// `socket_mode` is not an octal permission like "0660".
+    #[error("{key}: Invalid mode {value:?}: expected octal permissions like \"0660\"")]
+    BadSocketMode {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// `socket_group` names no group of this host.
+    #[error("{key}: No group {value:?} on this host")]
+    BadSocketGroup {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
     /// `log_level` is not a valid filter.
     #[error("{key}: Invalid log level {value:?}")]
     BadLogLevel {
@@ -297,9 +313,25 @@ pub struct Config {
     /// `RUST_LOG` overrides it.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Permissions of the vhost-user sockets, octal (`"0660"`: a VMM in `socket_group` may
+    /// connect). Default: as created (0755 under root's usual umask: only root connects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
+    /// Group of the vhost-user sockets, by name or number (e.g. `"kvm"`, `"libvirt-qemu"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
     /// The networks, `[[network]]` in the file.
     #[serde(default, rename = "network")]
     pub networks: Vec<NetworkConfig>,
+}
+
+/// Who may connect to the vhost-user sockets: `socket_mode` and `socket_group`, resolved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// Permission bits to set.
+    pub mode: Option<u32>,
+    /// Group id to set.
+    pub gid: Option<u32>,
 }
 
 /// One network: a switch in some mode, and its guest ports.
@@ -451,6 +483,8 @@ impl Default for Config {
         Config {
             control_socket: default_control_socket(),
             log_level: default_log_level(),
+            socket_mode: None,
+            socket_group: None,
             networks: vec![net],
         }
     }
@@ -529,6 +563,39 @@ fn check_socket_path(key: &str, path: &Path) -> Result<()> {
 }
 
 impl Config {
+    /// `socket_mode` and `socket_group`, resolved (the group by name through the host's
+    /// group database).
+    pub fn socket_perms(&self) -> Result<SocketPerms> {
+        let mode = match &self.socket_mode {
+            None => None,
+            Some(v) => {
+                let digits = v.trim().trim_start_matches("0o");
+                let m = u32::from_str_radix(digits, 8)
+                    .ok()
+                    .filter(|&m| m <= 0o777 && !digits.is_empty());
+                Some(m.ok_or_else(|| Error::BadSocketMode {
+                    key: "socket_mode".into(),
+                    value: v.clone(),
+                })?)
+            }
+        };
+        let gid = match &self.socket_group {
+            None => None,
+            Some(g) => {
+                let gid = g
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+                    .or_else(|| crate::sys::group_id(g.trim()));
+                Some(gid.ok_or_else(|| Error::BadSocketGroup {
+                    key: "socket_group".into(),
+                    value: g.clone(),
+                })?)
+            }
+        };
+        Ok(SocketPerms { mode, gid })
+    }
+
     /// Parse TOML text; `origin` names the file in error messages. Does not validate.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Config> {
         toml::from_str(text).map_err(|e| {
@@ -567,6 +634,7 @@ impl Config {
             }
         })?;
         check_socket_path("control_socket", &self.control_socket)?;
+        self.socket_perms()?;
         let mut sockets: HashMap<&Path, String> = HashMap::new();
         sockets.insert(&self.control_socket, "control_socket".into());
         let mut names: HashMap<&str, String> = HashMap::new();
@@ -1074,6 +1142,28 @@ mac = "52:54:00:00:00:01"
             ..Config::default()
         };
         assert_matches!(cfg.validate(), Err(Error::SocketDirNotWritable { key, .. }) if key == "control_socket");
+    }
+
+    #[test]
+    fn socket_mode_and_group() {
+        let dir = TempDir::new().unwrap();
+        let c = check(&dir, "socket_mode = \"0660\"\nsocket_group = \"root\"\n").unwrap();
+        assert_eq!(
+            c.socket_perms().unwrap(),
+            SocketPerms {
+                mode: Some(0o660),
+                gid: Some(0)
+            }
+        );
+        let c = check(&dir, "socket_group = \"1234\"\n").unwrap();
+        assert_eq!(c.socket_perms().unwrap().gid, Some(1234));
+        for bad in ["\"0999\"", "\"rw\"", "\"01777\"", "\"\""] {
+            let e = check(&dir, &format!("socket_mode = {bad}\n")).unwrap_err();
+            assert_matches!(&e, Error::BadSocketMode { key, .. } if key == "socket_mode", "{bad}");
+        }
+        let e = check(&dir, "socket_group = \"no-such-group-here\"\n").unwrap_err();
+        assert_matches!(&e, Error::BadSocketGroup { key, .. } if key == "socket_group");
+        assert!(crate::error_line(&e).contains("no-such-group-here"));
     }
 
     #[test]
