@@ -215,7 +215,7 @@ mac = "52:54:00:00:02:0f"
         .unwrap();
     let (mut conn, _) = server.accept().unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    let nat = |daemon: &Daemon| daemon.stats().networks[0].nat.clone().unwrap().counters;
+    let nat = |daemon: &Daemon| daemon.stats().networks[0].nat.clone().unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     while nat(&daemon)["tcp_flows"] != 1 {
         assert!(Instant::now() < end, "{:?}", nat(&daemon));

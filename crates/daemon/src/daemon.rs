@@ -193,6 +193,7 @@ impl Daemon {
                     ports,
                     services: n.mode.services(),
                     nat: n.mode.nat(),
+                    uplink: n.mode.uplink(),
                 }
             })
             .collect();
@@ -377,8 +378,8 @@ mod tests {
         assert_eq!(s.networks[0].mode, "nat");
         assert!(s.networks[0].ports.iter().any(|p| p.name == "t-gateway"));
         let nat = s.networks[0].nat.as_ref().expect("NAT counters in stats");
-        assert_eq!(nat.counters["tcp_flows"], 0);
-        assert!(nat.counters.contains_key("closed_gone"), "{nat:?}");
+        assert_eq!(nat["tcp_flows"], 0);
+        assert!(nat.0.contains_key("closed_gone"), "{nat:?}");
         d.stop();
         assert!(!dir.path().join("ctl.sock").exists());
     }

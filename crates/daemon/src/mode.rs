@@ -78,7 +78,12 @@ pub trait NetMode: Send + Sync {
     }
 
     /// The NAT gateway's counters (flows, denials, drops), if the mode runs one.
-    fn nat(&self) -> Option<crate::mode_nat::NatReport> {
+    fn nat(&self) -> Option<crate::control::Counters> {
+        None
+    }
+
+    /// The uplink's own counters (ring drops, VLAN filtering…), if the mode has one.
+    fn uplink(&self) -> Option<crate::control::Counters> {
         None
     }
 

@@ -35,6 +35,7 @@ use virtnet_services::ServicesPort;
 use virtnet_switch::Switch;
 
 use crate::config::NetworkConfig;
+use crate::control::Counters;
 use crate::mode::{ModeError, ModePort, NetMode, INTERNAL};
 use crate::mode_hostonly::{self, ServicesReport};
 
@@ -236,18 +237,11 @@ pub fn default_network(name: &str) -> NetworkConfig {
     }
 }
 
-/// The NAT gateway in the `stats` answer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NatReport {
-    /// Counters by name: open `tcp_flows`/`udp_flows`/`icmp_flows`; `denied` (policy),
-    /// `over_limit` (flows per guest), `dropped` (frames not parsed or not handled),
-    /// `tcp_rescues` (stalled retransmissions restarted), `closed_gone` (flows closed because
-    /// their guest left).
-    pub counters: std::collections::BTreeMap<String, u64>,
-}
-
-/// The report of the gateway's counters.
-pub fn nat_report(s: &virtnet_port_nat::NatStats) -> NatReport {
+/// The gateway's counters for `stats`: open `tcp_flows`/`udp_flows`/`icmp_flows`; `denied`
+/// (policy), `over_limit` (flows per guest), `dropped` (frames not parsed or not handled),
+/// `tcp_rescues` (stalled retransmissions restarted), `closed_gone` (flows closed because
+/// their guest left).
+pub fn nat_report(s: &virtnet_port_nat::NatStats) -> Counters {
     let counters = [
         ("tcp_flows", s.tcp_flows as u64),
         ("udp_flows", s.udp_flows as u64),
@@ -258,9 +252,7 @@ pub fn nat_report(s: &virtnet_port_nat::NatStats) -> NatReport {
         ("tcp_rescues", s.tcp_rescues),
         ("closed_gone", s.closed_gone),
     ];
-    NatReport {
-        counters: counters.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
-    }
+    Counters::from_pairs(&counters)
 }
 
 /// `nat`: a switch, the services and the NAT gateway.
@@ -313,7 +305,7 @@ impl NetMode for NatMode {
         self.services.as_ref().map(mode_hostonly::services_report)
     }
 
-    fn nat(&self) -> Option<NatReport> {
+    fn nat(&self) -> Option<Counters> {
         Some(nat_report(&self.gateway.stats()))
     }
 
