@@ -1,10 +1,12 @@
 //! A `nat` network of the daemon, driven by a user-space virtio-net guest (virtnet-guest):
 //! ARP for the gateway, UDP through the DNS forwarder and through `host_loopback` to servers
 //! on 127.0.0.1, a reset for a refused TCP connection, and a TCP port forward's SYN reaching
-//! the guest.
+//! the guest; over IPv6, the gateway's answer to a (unicast) neighbour solicitation, UDP
+//! through the DNS forwarder to a resolver on [::1] and through `host_loopback` to [::1], and
+//! an IPv6 port forward's SYN.
 
 use std::io::Read;
-use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -17,7 +19,11 @@ const ME: [u8; 4] = [10, 0, 2, 15];
 const GW: [u8; 4] = [10, 0, 2, 2];
 
 fn udp_echo() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp_echo_on("127.0.0.1:0")
+}
+
+fn udp_echo_on(addr: &str) -> u16 {
+    let s = UdpSocket::bind(addr).unwrap();
     let port = s.local_addr().unwrap().port();
     std::thread::spawn(move || {
         let mut b = [0u8; 2048];
@@ -157,6 +163,166 @@ mac = "52:54:00:00:02:0f"
     });
     assert_eq!(Ipv4Addr::from(src.0), Ipv4Addr::from(GW));
     // Stopping the daemon closes every flow: the host client's connection ends.
+    daemon.stop();
+    client.join().unwrap();
+}
+
+const ME6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 2, 0, 0, 0, 0x15);
+const GW6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 2, 0, 0, 0, 2);
+
+fn checksum6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    let len = u32::try_from(l4.len()).unwrap().to_be_bytes();
+    let parts: [&[u8]; 5] = [&src.octets(), &dst.octets(), &len, &[0, 0, 0, next], l4];
+    let bytes: Vec<u8> = parts.concat();
+    for c in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn udp6(g: &mut Guest, gw: [u8; 6], dst: Ipv6Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let sport = 42000 + dport % 1000;
+    let b = PacketBuilder::ethernet2(MAC, gw)
+        .ipv6(ME6.octets(), dst.octets(), 64)
+        .udp(sport, dport);
+    let mut f = Vec::new();
+    b.write(&mut f, payload).unwrap();
+    g.send(0, &NetHdr::NONE, &f).unwrap();
+    wait(g, Duration::from_secs(5), |f| {
+        let p = SlicedPacket::from_ethernet(f).ok()?;
+        let Some(NetSlice::Ipv6(ip)) = &p.net else {
+            return None;
+        };
+        let Some(TransportSlice::Udp(u)) = &p.transport else {
+            return None;
+        };
+        (Ipv6Addr::from(ip.header().source()) == dst
+            && Ipv6Addr::from(ip.header().destination()) == ME6
+            && u.destination_port() == sport
+            && u.source_port() == dport)
+            .then(|| u.payload().to_vec())
+    })
+}
+
+#[test]
+fn nat_network_ipv6_ndp_udp_dns_and_forward() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let echo6 = udp_echo_on("[::1]:0");
+    let fwd6 = TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Default IPv6 prefix fd00:10:0:2::/64, gateway ::2, which maps [::1] (host_loopback).
+    let text = format!(
+        r#"
+control_socket = "{d}/ctl.sock"
+[[network]]
+name = "nat"
+mode = "nat"
+dhcp = {{ lease_file = "{d}/nat.leases" }}
+[network.nat]
+host_loopback = true
+dns = ["[::1]:{echo6}"]
+forward = ["tcp:[::1]:{fwd6} -> [{ME6}]:22"]
+[[network.port]]
+socket = "{d}/a.sock"
+mac = "52:54:00:00:02:0f"
+"#,
+        d = d.display()
+    );
+    let cfg = Config::from_toml(&text, std::path::Path::new("nat.toml")).unwrap();
+    cfg.validate().unwrap();
+    let daemon = Daemon::start(cfg).unwrap();
+    let mut g = Guest::connect(d.join("a.sock"), GuestConfig::default()).unwrap();
+    let gw = gateway_mac(&mut g);
+    // The router's link-local address (modified EUI-64 of its MAC).
+    let ll = Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        gw[0] ^ 2,
+        gw[1],
+        gw[2],
+        0xff,
+        0xfe,
+        gw[3],
+        gw[4],
+        gw[5],
+    ]);
+
+    // Neighbour unreachability detection: a unicast solicitation for the router's address.
+    let mut l4 = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    l4.extend_from_slice(&ll.octets());
+    l4.extend_from_slice(&[1, 1]);
+    l4.extend_from_slice(&MAC);
+    let c = checksum6(ME6, ll, 58, &l4);
+    l4[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = gw.to_vec();
+    f.extend_from_slice(&MAC);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&u16::try_from(l4.len()).unwrap().to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&ME6.octets());
+    f.extend_from_slice(&ll.octets());
+    f.extend_from_slice(&l4);
+    g.send(0, &NetHdr::NONE, &f).unwrap();
+    let na = wait(&mut g, Duration::from_secs(5), |f| {
+        (f.len() >= 86 && f[12..14] == [0x86, 0xdd] && f[20] == 58 && f[54] == 136)
+            .then(|| f.to_vec())
+    });
+    assert_eq!(&na[..6], &MAC);
+    assert_eq!(&na[62..78], &ll.octets(), "target");
+    assert_eq!(na[58] & 0xe0, 0xe0, "router, solicited, override");
+    assert_eq!(
+        &na[78..86],
+        &[2, 1, gw[0], gw[1], gw[2], gw[3], gw[4], gw[5]]
+    );
+
+    // DNS forwarder at the gateway's IPv6 address, relaying to a resolver on [::1].
+    assert_eq!(udp6(&mut g, gw, GW6, 53, b"query6"), b"query6");
+    // host_loopback: the gateway's IPv6 address reaches the host's ::1.
+    assert_eq!(udp6(&mut g, gw, GW6, echo6, b"hello6"), b"hello6");
+
+    // A host client of the IPv6 forward: the gateway opens a connection to [ME6]:22, straight
+    // to the guest's MAC (learned from its traffic).
+    let client = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(("::1", fwd6)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        let r = c.read(&mut b);
+        assert!(!matches!(r, Ok(n) if n > 0), "{r:?}");
+    });
+    let (dst_mac, src) = wait(&mut g, Duration::from_secs(5), |f| {
+        let p = SlicedPacket::from_ethernet(f).ok()?;
+        let Some(NetSlice::Ipv6(ip)) = &p.net else {
+            return None;
+        };
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            return None;
+        };
+        (t.destination_port() == 22 && t.syn() && !t.ack()).then(|| {
+            (
+                f[..6].to_vec(),
+                (
+                    Ipv6Addr::from(ip.header().source()),
+                    Ipv6Addr::from(ip.header().destination()),
+                ),
+            )
+        })
+    });
+    assert_eq!(dst_mac, MAC);
+    assert_eq!(src, (GW6, ME6));
     daemon.stop();
     client.join().unwrap();
 }

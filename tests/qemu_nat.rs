@@ -6,6 +6,12 @@
 //! at 10.0.2.4 (`host_loopback = true`); guest B's network does not, and must not reach it.
 //! The guests configure themselves with DHCP from the built-in services. Needs QEMU
 //! (otherwise SKIPPED); ping out needs ping sockets or CAP_NET_RAW (root).
+//!
+//! IPv6 in the same guests (default prefix fd00:10:0:2::/64): SLAAC from the gateway's router
+//! advertisements, ping to the gateway's address, DNS through the forwarder at it, HTTP from
+//! a server on the host's [::1] through `host_loopback_ip6` (fd00:10:0:2::4), UDP to a
+//! responder on [::1]:53, ping out, a port forward from [::1] to the guest's SLAAC address;
+//! guest B cannot reach [::1].
 
 mod qemu;
 
@@ -19,6 +25,12 @@ use qemu::{markers, Daemon, Guest, GuestCfg, Lab, PortCfg};
 
 const MAC_A: &str = "52:54:00:00:02:0f";
 const MAC_B: &str = "52:54:00:00:03:0f";
+/// Guest A's SLAAC address: the default prefix and the modified EUI-64 of `MAC_A`.
+const A6: &str = "fd00:10:0:2:5054:ff:fe00:20f";
+/// The NAT gateway's IPv6 address (default: ::2 of the prefix).
+const GW6: &str = "fd00:10:0:2::2";
+/// Where guest A's network maps the host's ::1.
+const LO6: &str = "fd00:10:0:2::4";
 const BODY_LEN: usize = 3 * 1024 * 1024;
 
 fn free_tcp_port() -> u16 {
@@ -39,7 +51,12 @@ fn free_udp_port() -> u16 {
 
 /// A minimal HTTP/1.0 server on 127.0.0.1 answering every request with `BODY_LEN` bytes.
 fn http_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    http_server_on("127.0.0.1:0")
+}
+
+/// The same on `addr` (e.g. `[::1]:0`).
+fn http_server_on(addr: &str) -> u16 {
+    let l = TcpListener::bind(addr).unwrap();
     let port = l.local_addr().unwrap().port();
     thread::spawn(move || {
         let body: Vec<u8> = (0..BODY_LEN).map(|i| (i % 251) as u8).collect();
@@ -63,7 +80,12 @@ fn http_server() -> u16 {
 /// Answers every DNS query on 127.0.0.1:53 with one A record 10.7.7.7. `None` if the port
 /// is taken.
 fn dns_responder() -> Option<()> {
-    let s = UdpSocket::bind("127.0.0.1:53").ok()?;
+    dns_responder_on("127.0.0.1:53")
+}
+
+/// The same on `addr` (e.g. `[::1]:53`).
+fn dns_responder_on(addr: &str) -> Option<()> {
+    let s = UdpSocket::bind(addr).ok()?;
     thread::spawn(move || {
         let mut b = [0u8; 512];
         while let Ok((n, from)) = s.recv_from(&mut b) {
@@ -155,9 +177,15 @@ fn nat_dhcp_dns_http_udp_ping_forward_and_policy() {
         return;
     };
     let http = http_server();
+    let http6 = http_server_on("[::1]:0");
     let dns_port = free_udp_port();
     let dnsmasq = Dnsmasq::start(dns_port);
     let fwd = free_tcp_port();
+    let fwd6 = TcpListener::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let (pa, pb) = (PortCfg::new("na", MAC_A), PortCfg::new("nb", MAC_B));
     let toml = network(
         "na",
@@ -165,8 +193,9 @@ fn nat_dhcp_dns_http_udp_ping_forward_and_policy() {
         MAC_A,
         &lab.socket("na").display().to_string(),
         &format!(
-            "host_loopback = true\nhost_loopback_ip = \"10.0.2.4\"\n\
-             dns = [\"127.0.0.1:{dns_port}\"]\nforward = [\"tcp:127.0.0.1:{fwd} -> 8022\"]"
+            "host_loopback = true\nhost_loopback_ip = \"10.0.2.4\"\nhost_loopback_ip6 = \"{LO6}\"\n\
+             dns = [\"127.0.0.1:{dns_port}\"]\nforward = [\"tcp:127.0.0.1:{fwd} -> 8022\", \
+             \"tcp:[::1]:{fwd6} -> [{A6}]:8023\"]"
         ),
         &lab,
     ) + &network(
@@ -178,11 +207,15 @@ fn nat_dhcp_dns_http_udp_ping_forward_and_policy() {
         &lab,
     );
     let d = Daemon::start_toml(&lab, &toml);
+    let v6 = |mut c: GuestCfg| {
+        c.kernel_args.push("vt.ipv6=1".into());
+        c
+    };
     let v = Guest::boot_all(
         &lab,
         vec![
-            GuestCfg::new(&lab, &pa, "dhcp"),
-            GuestCfg::new(&lab, &pb, "dhcp"),
+            v6(GuestCfg::new(&lab, &pa, "dhcp")),
+            v6(GuestCfg::new(&lab, &pb, "dhcp")),
         ],
     );
     let [mut a, mut b]: [Guest; 2] = v.try_into().unwrap_or_else(|_| unreachable!());
@@ -253,6 +286,66 @@ fn nat_dhcp_dns_http_udp_ping_forward_and_policy() {
     let (_, out) = a.run("cat /tmp/got", Duration::from_secs(10));
     assert!(out.contains("hello-from-host"), "{out}");
 
+    // IPv6: SLAAC in the default prefix, the gateway's link-local address as the router.
+    let (rc, out) = a.run("vt_slaac 60", Duration::from_secs(90));
+    let m = markers(&out, "slaac").pop().unwrap_or_default();
+    assert!(rc == 0, "A: no SLAAC address: {out}");
+    assert_eq!(m.get("ip").map(String::as_str), Some(A6), "{out}");
+    assert!(
+        m.get("router").is_some_and(|r| r.starts_with("fe80::")),
+        "{out}"
+    );
+    let p = a.ping(GW6, 3, 0.2);
+    assert_eq!(p.rx, 3, "ping the gateway's IPv6 address: {p:?}");
+    if dnsmasq.is_some() {
+        let (rc, out) = a.run(
+            &format!("nslookup -type=a www.vt.test {GW6}"),
+            Duration::from_secs(30),
+        );
+        assert!(
+            rc == 0 && out.contains("10.9.8.7"),
+            "nslookup over IPv6: rc={rc} {out}"
+        );
+    }
+    let (rc, out) = a.run(
+        &format!("wget -q -O /tmp/f6 http://[{LO6}]:{http6}/f && wc -c </tmp/f6"),
+        Duration::from_secs(120),
+    );
+    assert_eq!(rc, 0, "wget over IPv6: {out}");
+    assert!(out.contains(&BODY_LEN.to_string()), "wget over IPv6: {out}");
+    if dns_responder_on("[::1]:53").is_some() {
+        let (rc, out) = a.run(
+            &format!("nslookup -type=a x.y {LO6}"),
+            Duration::from_secs(30),
+        );
+        assert!(
+            rc == 0 && out.contains("10.7.7.7"),
+            "UDP over IPv6: rc={rc} {out}"
+        );
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "required in CI: [::1]:53 is taken: UDP over IPv6 check skipped"
+        );
+        eprintln!("[::1]:53 is taken: UDP over IPv6 check skipped");
+    }
+    let p = a.ping(LO6, 3, 0.2);
+    assert_eq!(p.rx, 3, "ping out over IPv6 (the host's ::1): {p:?}");
+    a.run(
+        "(echo hello6-from-guest | nc -l -p 8023 >/tmp/got6) &",
+        Duration::from_secs(10),
+    );
+    thread::sleep(Duration::from_millis(500));
+    let mut c = TcpStream::connect(("::1", fwd6)).expect("IPv6 forward connect");
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(b"hello6-from-host\n").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = String::new();
+    let _ = c.read_to_string(&mut got);
+    assert_eq!(got, "hello6-from-guest\n");
+    let (_, out) = a.run("cat /tmp/got6", Duration::from_secs(10));
+    assert!(out.contains("hello6-from-host"), "{out}");
+
     // Guest B's network has no host_loopback: the host's loopback services are out of reach.
     let m = dhcp(&mut b);
     assert_eq!(m.get("ip").map(String::as_str), Some("10.0.3.15"));
@@ -263,6 +356,16 @@ fn nat_dhcp_dns_http_udp_ping_forward_and_policy() {
             Duration::from_secs(60),
         );
         assert_ne!(rc, 0, "B reached the host's loopback at {dst}: {out}");
+    }
+    // Nor over IPv6: no [::1] at the gateway's address or at ::4.
+    let (rc, out) = b.run("vt_slaac 60", Duration::from_secs(90));
+    assert_eq!(rc, 0, "B: no SLAAC address: {out}");
+    for dst in [GW6, LO6] {
+        let (rc, out) = b.run(
+            &format!("wget -q -T 5 -O /tmp/f http://[{dst}]:{http6}/f"),
+            Duration::from_secs(60),
+        );
+        assert_ne!(rc, 0, "B reached the host's ::1 at {dst}: {out}");
     }
     let s = d.stats();
     eprintln!("stats: {s:?}");

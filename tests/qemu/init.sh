@@ -11,6 +11,7 @@
 #                     iperfc: vt_wait $vt.peer; vt_ping; vt_iperf $vt.peer $vt.time; power off
 #                     idle:   sleep $vt.time, then power off
 #   vt.peer=IP  vt.count=N (pings, default 10)  vt.time=S (iperf3/idle seconds, default 5)
+#   vt.ipv6=1         keep IPv6 on (SLAAC from router advertisements; see vt_slaac); default off
 #
 # Command mode: the host writes lines "ID COMMAND ARGS..." to the console (the serial port);
 # each COMMAND (usually one of the vt_* functions below) runs in the foreground and is followed
@@ -24,6 +25,7 @@
 #   VT: ping dst=IP tx=N rx=N dup=N avg_ms=F
 #   VT: iperf3 dst=IP bytes=N bps=F retrans=N
 #   VT: netdev rx_packets=N rx_bytes=N tx_packets=N tx_bytes=N
+#   VT: slaac ip=ADDR|none router=ADDR|none
 #   VT: end ID rc=N
 #   VT: poweroff uptime=S
 
@@ -35,22 +37,25 @@ export PATH=/bin:/sbin:/usr/bin
 
 up() { cut -d' ' -f1 /proc/uptime; }
 
-vt_name=guest vt_ip= vt_role=cmd vt_peer= vt_count=10 vt_time=5
+vt_name=guest vt_ip= vt_role=cmd vt_peer= vt_count=10 vt_time=5 vt_ipv6=0
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     vt.*=*)
       key=${arg%%=*}; key=${key#vt.}; val=${arg#*=}
       case "$key" in
-        name|ip|role|peer|count|time) eval "vt_$key=\$val" ;;
+        name|ip|role|peer|count|time|ipv6) eval "vt_$key=\$val" ;;
         *) echo "VT: warning unknown=$key" ;;
       esac ;;
   esac
 done
 echo "VT: boot name=$vt_name uptime=$(up)"
 
-# No IPv6: its router solicitations and MLD reports would be noise in the switch counters.
-echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null
-echo 1 >/proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null
+# No IPv6 unless asked for: its router solicitations and MLD reports would be noise in the
+# switch counters.
+if [ "$vt_ipv6" != 1 ]; then
+  echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null
+  echo 1 >/proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null
+fi
 # Answer pings to the broadcast address (the tests use them to prove flooding).
 echo 0 >/proc/sys/net/ipv4/icmp_echo_ignore_broadcasts
 
@@ -143,6 +148,20 @@ EOS
 chmod +x /tmp/vt-udhcpc.sh
 vt_dhcp() {
   udhcpc -i eth0 -f -q -n -t 5 -T 2 -s /tmp/vt-udhcpc.sh "$@"
+}
+
+# vt_slaac [SECONDS]: wait for a global IPv6 address on eth0 (SLAAC, duplicate address
+# detection done) and a default route; print both.
+vt_slaac() {
+  n=0 a= r=
+  while [ $n -lt "${1:-60}" ]; do
+    a=$(ip -6 addr show dev eth0 | awk '/inet6/ && /scope global/ && !/tentative/ { sub(/\/.*/, "", $2); print $2; exit }')
+    r=$(ip -6 route show default 2>/dev/null | awk '/^default via/ { print $3; exit }')
+    [ -n "$a" ] && [ -n "$r" ] && break
+    sleep 1; n=$((n + 1))
+  done
+  echo "VT: slaac ip=${a:-none} router=${r:-none}"
+  [ -n "$a" ] && [ -n "$r" ]
 }
 
 # vt_netdev: eth0's packet counters.

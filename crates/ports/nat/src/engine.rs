@@ -19,11 +19,24 @@
 //! | UDP to D:p                           | flow table, [`HostCmd::UdpSend`]         | a connected `UdpSocket` per flow |
 //! | UDP to gateway:53                    | the same, to the first host resolver     | (the DNS forwarder)              |
 //! | ICMP echo to D                       | [`HostCmd::Echo`]                        | an unprivileged ping socket      |
+//! | IPv6 router solicitation             | router advertisement to that guest       | –                                |
+//! | (every `ra_interval`)                | router advertisement to ff02::1          | –                                |
+//! | neighbour solicitation, our address  | neighbour advertisement (R, S, O flags)  | –                                |
+//! | neighbour solicitation, with SLLAO   | taught to smoltcp as an advertisement    | –                                |
+//! | ICMPv6 echo to the gateway           | answered by the engine                   | –                                |
+//! | IPv6 TCP / UDP / ICMPv6 echo         | as IPv4, with [`NatPolicy::translate6`]  | IPv6 sockets (or IPv4 for DNS)   |
 //!
-//! `D'` is `D` after policy ([`NatPolicy::translate`]): the host-loopback alias maps to
-//! 127.0.0.1 when `host_loopback` is on; loopback, the subnet itself, broadcast and multicast
-//! are never reachable. UDP and ICMP flows expire after an idle timeout; every flow counts
-//! against a per-guest limit.
+//! `D'` is `D` after policy ([`NatPolicy::translate`], [`NatPolicy::translate6`]): the
+//! host-loopback alias maps to 127.0.0.1 (IPv6: ::1) when `host_loopback` is on; loopback,
+//! the subnet (prefix) itself, broadcast, multicast, IPv6 link-local, site-local and
+//! IPv4-mapped/compatible addresses are never reachable. UDP and ICMP flows expire after an
+//! idle timeout; every flow counts against a per-guest limit (by guest MAC).
+//!
+//! IPv6 neighbour discovery is the engine's, not smoltcp's: smoltcp 0.12 answers only
+//! multicast solicitations (not the unicast ones of neighbour unreachability detection) and
+//! without the router flag, and learns neighbours only from neighbour discovery. So the
+//! engine answers for the gateway's addresses itself and, before a guest's TCP segment goes
+//! to smoltcp, feeds it a neighbour advertisement built from the frame's source MAC.
 //!
 //! The clock is a [`Duration`] since an arbitrary start that the caller passes in, so tests
 //! drive the engine with a simulated clock and a simulated host.
@@ -34,14 +47,16 @@
 //! is inside smoltcp's send buffer.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SInstant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Cidr};
+use smoltcp::wire::{
+    EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Cidr, Ipv6Cidr,
+};
 use thiserror::Error;
 
 use crate::rescue::{self, Rescue};
@@ -66,9 +81,29 @@ pub const RX_QUEUE: usize = 1024;
 const ETH_HDR: usize = 14;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_ARP: u16 = 0x0806;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+const IPV6_HDR: usize = 40;
 const PROTO_ICMP: u8 = 1;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
+const PROTO_ICMPV6: u8 = 58;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+const NDP_RS: u8 = 133;
+const NDP_RA: u8 = 134;
+const NDP_NS: u8 = 135;
+const NDP_NA: u8 = 136;
+/// Router lifetime announced in router advertisements (s).
+pub const ROUTER_LIFETIME: u16 = 1800;
+/// Default interval between unsolicited router advertisements.
+pub const RA_INTERVAL: Duration = Duration::from_secs(30);
+/// Valid and preferred lifetimes of the advertised prefix (s).
+const PREFIX_VALID: u32 = 86_400;
+const PREFIX_PREFERRED: u32 = 14_400;
+/// Guest addresses whose MAC the engine remembers at most (for port forwards).
+const NEIGH_MAX: usize = 4096;
+/// Flows of port forwards to a guest whose MAC is not known yet count against this MAC.
+const UNKNOWN_MAC: [u8; 6] = [0; 6];
 const EPHEMERAL_FIRST: u16 = 49152;
 
 /// Errors of building an engine.
@@ -80,6 +115,21 @@ pub enum EngineError {
     /// The prefix length is not a usable IPv4 prefix.
     #[error("Invalid prefix length {0}")]
     BadPrefix(u8),
+    /// The IPv6 prefix is not a /64 (SLAAC needs one) or the gateway is not a unicast
+    /// address in it.
+    #[error("Invalid IPv6 gateway {0}/{1}: expected a unicast address in a /64")]
+    BadPrefix6(Ipv6Addr, u8),
+}
+
+/// Whether the gateway wants frames sent to Ethernet `dst`: its own MAC, broadcast (ARP), and
+/// the IPv6 groups of router and neighbour solicitations (all-routers 33:33:00:00:00:02,
+/// solicited-node 33:33:ff:…); the engine ignores what is not about it. The switch port's
+/// sink filters with this before copying a frame.
+pub fn wants_frame(gateway: [u8; 6], dst: [u8; 6]) -> bool {
+    dst == gateway
+        || dst == [0xff; 6]
+        || dst == [0x33, 0x33, 0, 0, 0, 2]
+        || dst[..3] == [0x33, 0x33, 0xff]
 }
 
 /// Identifies one flow between the engine and the driver.
@@ -192,8 +242,8 @@ pub enum HostEvent {
     TcpInbound {
         /// Flow (chosen by the driver; must not collide with engine ids: use the upper half).
         id: FlowId,
-        /// The guest service.
-        guest: SocketAddrV4,
+        /// The guest service (IPv4 or IPv6).
+        guest: SocketAddr,
     },
     /// A datagram arrived for the flow.
     UdpRecv {
@@ -206,8 +256,8 @@ pub enum HostEvent {
     UdpInbound {
         /// Flow (chosen by the driver, upper half).
         id: FlowId,
-        /// The guest service.
-        guest: SocketAddrV4,
+        /// The guest service (IPv4 or IPv6).
+        guest: SocketAddr,
         /// Payload.
         data: Vec<u8>,
     },
@@ -224,6 +274,86 @@ pub enum HostEvent {
 
 /// Flow ids at or above this are the driver's (port forwards).
 pub const DRIVER_IDS: FlowId = 1 << 63;
+
+/// The IPv6 side of the NAT network: the gateway answers neighbour solicitations for its
+/// addresses, advertises itself as the default router with the prefix (SLAAC) and itself as
+/// the DNS server (RDNSS), and translates guest IPv6 flows like IPv4 ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatV6 {
+    /// The gateway's address in the guests' prefix (DNS forwarder, echo).
+    pub gateway: Ipv6Addr,
+    /// Prefix length (64: SLAAC needs a /64).
+    pub prefix_len: u8,
+    /// The guest-visible address that maps to the host's ::1 (`host_loopback`), if any.
+    pub host_loopback: Option<Ipv6Addr>,
+    /// Interval between unsolicited router advertisements.
+    pub ra_interval: Duration,
+}
+
+impl NatV6 {
+    /// A gateway at `gateway`/64, no loopback access, advertisements every [`RA_INTERVAL`].
+    pub fn new(gateway: Ipv6Addr) -> Self {
+        NatV6 {
+            gateway,
+            prefix_len: 64,
+            host_loopback: None,
+            ra_interval: RA_INTERVAL,
+        }
+    }
+
+    /// The prefix (network address).
+    pub fn prefix(&self) -> Ipv6Addr {
+        mask6(self.gateway, self.prefix_len)
+    }
+
+    fn in_prefix(&self, a: Ipv6Addr) -> bool {
+        mask6(a, self.prefix_len) == self.prefix()
+    }
+}
+
+fn mask6(a: Ipv6Addr, len: u8) -> Ipv6Addr {
+    let bits = u32::from(len.min(128));
+    let mask = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
+    Ipv6Addr::from(u128::from(a) & mask)
+}
+
+/// The modified-EUI-64 link-local address of `mac` (fe80::/64), the gateway's router address.
+pub fn link_local(mac: [u8; 6]) -> Ipv6Addr {
+    let m = mac;
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 2,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
+}
+
+fn is_link_local6(a: Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// Site-local (fec0::/10, deprecated), IPv4-mapped (::ffff:0:0/96) and IPv4-compatible
+/// (::/96) addresses: a host socket would reach IPv4 (loopback included) or nothing.
+fn is_special6(a: Ipv6Addr) -> bool {
+    let s = a.segments();
+    s[0] & 0xffc0 == 0xfec0 || a.to_ipv4_mapped().is_some() || s[..6] == [0; 6]
+}
 
 /// Addresses and rules of the NAT network.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,6 +372,8 @@ pub struct NatPolicy {
     pub max_flows_per_guest: usize,
     /// UDP idle timeout.
     pub udp_timeout: Duration,
+    /// IPv6, if the network has it.
+    pub v6: Option<NatV6>,
 }
 
 impl NatPolicy {
@@ -255,6 +387,7 @@ impl NatPolicy {
             dns: Vec::new(),
             max_flows_per_guest: 4096,
             udp_timeout: UDP_TIMEOUT,
+            v6: None,
         }
     }
 
@@ -285,6 +418,45 @@ impl NatPolicy {
             return None;
         }
         Some(SocketAddr::new(dst.into(), port))
+    }
+
+    /// Where a guest IPv6 flow to `dst:port` goes on the host, or `None` if policy forbids
+    /// it (or the network has no IPv6): the loopback alias maps to ::1 with `host_loopback`;
+    /// loopback, unspecified, multicast, link-local, site-local, IPv4-mapped/compatible and
+    /// the network's own prefix are never reachable.
+    pub fn translate6(&self, udp: bool, dst: Ipv6Addr, port: u16) -> Option<SocketAddr> {
+        let v6 = self.v6.as_ref()?;
+        if udp && dst == v6.gateway && port == 53 {
+            return self.dns.first().copied();
+        }
+        if Some(dst) == v6.host_loopback {
+            return Some(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port));
+        }
+        if dst.is_loopback()
+            || dst.is_unspecified()
+            || dst.is_multicast()
+            || is_link_local6(dst)
+            || is_special6(dst)
+            || v6.in_prefix(dst)
+        {
+            return None;
+        }
+        Some(SocketAddr::new(dst.into(), port))
+    }
+
+    /// [`NatPolicy::translate`] or [`NatPolicy::translate6`], by address family.
+    pub fn translate_ip(&self, udp: bool, dst: IpAddr, port: u16) -> Option<SocketAddr> {
+        match dst {
+            IpAddr::V4(a) => self.translate(udp, a, port),
+            IpAddr::V6(a) => self.translate6(udp, a, port),
+        }
+    }
+
+    /// The gateway's own IPv6 addresses (link-local, in the prefix, the loopback alias).
+    fn own6(&self, a: Ipv6Addr) -> bool {
+        self.v6.as_ref().is_some_and(|v6| {
+            a == v6.gateway || a == link_local(self.mac) || Some(a) == v6.host_loopback
+        })
     }
 }
 
@@ -428,10 +600,13 @@ impl Device for Link {
     }
 }
 
-type Key = (SocketAddrV4, SocketAddrV4);
+/// A flow as the guest sends it: (source, destination); both of one family.
+type Key = (SocketAddr, SocketAddr);
 
 struct TcpFlow {
     key: Key,
+    /// The guest whose flow limit this flow counts against.
+    owner: [u8; 6],
     handle: Option<SocketHandle>,
     syn: Option<Vec<u8>>,
     inflight: usize,
@@ -450,6 +625,7 @@ struct TcpFlow {
 
 struct UdpFlow {
     key: Key,
+    owner: [u8; 6],
     guest_mac: [u8; 6],
     dst: SocketAddr,
     last: Duration,
@@ -458,22 +634,15 @@ struct UdpFlow {
 }
 
 struct EchoFlow {
-    guest: Ipv4Addr,
+    guest: IpAddr,
+    owner: [u8; 6],
     guest_mac: [u8; 6],
     /// The destination as the guest sees it (replies come from it).
-    dst: Ipv4Addr,
+    dst: IpAddr,
     /// The destination on the host.
-    host: Ipv4Addr,
+    host: IpAddr,
     ident: u16,
     last: Duration,
-}
-
-/// Flows of one guest address.
-#[derive(Clone, Copy, Debug)]
-struct GuestFlows {
-    count: usize,
-    /// Where the address was last seen (all zeros until the guest sends: inbound forwards).
-    mac: [u8; 6],
 }
 
 /// The engine on smoltcp: one any-IP [`Interface`] terminates guest TCP; UDP and ICMP echo
@@ -488,9 +657,13 @@ pub struct SmolEngine {
     udp: HashMap<FlowId, UdpFlow>,
     udp_keys: HashMap<Key, FlowId>,
     echo: HashMap<FlowId, EchoFlow>,
-    echo_keys: HashMap<(Ipv4Addr, Ipv4Addr, u16), FlowId>,
-    /// Flows per guest address, and the MAC that address was last seen from.
-    per_guest: HashMap<Ipv4Addr, GuestFlows>,
+    echo_keys: HashMap<(IpAddr, IpAddr, u16), FlowId>,
+    /// Flows per guest MAC (IPv4 and IPv6 together: a guest picks its IPv6 addresses).
+    per_guest: HashMap<[u8; 6], usize>,
+    /// Guest addresses seen, with their MAC (port forwards count against it), bounded.
+    neigh: HashMap<IpAddr, [u8; 6]>,
+    /// When the next unsolicited router advertisement is due (IPv6).
+    next_ra: Duration,
     frames: VecDeque<Vec<u8>>,
     pending_cmds: Vec<HostCmd>,
     now: Duration,
@@ -509,6 +682,76 @@ fn be16(b: &[u8], at: usize) -> u16 {
 
 fn ip4(b: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
+}
+
+fn ip6(b: &[u8], at: usize) -> Ipv6Addr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[at..at + 16]);
+    Ipv6Addr::from(a)
+}
+
+/// The Ethernet multicast address of an IPv6 multicast group (33:33 + its low 32 bits).
+fn multicast_mac(a: Ipv6Addr) -> [u8; 6] {
+    let o = a.octets();
+    [0x33, 0x33, o[12], o[13], o[14], o[15]]
+}
+
+/// The IPv6 pseudo-header checksum over `l4` (RFC 8200 8.1).
+fn checksum6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> u16 {
+    let len = u32::try_from(l4.len()).unwrap_or(u32::MAX).to_be_bytes();
+    checksum(&[&src.octets(), &dst.octets(), &len, &[0, 0, 0, next], l4])
+}
+
+/// Build Ethernet + IPv6 + `l4` (whose checksum field at `csum_at` is filled in).
+fn ipv6_frame(
+    (dst_mac, src_mac): ([u8; 6], [u8; 6]),
+    (src, dst): (Ipv6Addr, Ipv6Addr),
+    next: u8,
+    hop_limit: u8,
+    l4: &mut [u8],
+    csum_at: usize,
+) -> Option<Vec<u8>> {
+    let len = u16::try_from(l4.len()).ok()?;
+    l4[csum_at] = 0;
+    l4[csum_at + 1] = 0;
+    let mut c = checksum6(src, dst, next, l4);
+    if c == 0 && next == PROTO_UDP {
+        c = 0xffff;
+    }
+    l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::with_capacity(ETH_HDR + IPV6_HDR + l4.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&len.to_be_bytes());
+    f.push(next);
+    f.push(hop_limit);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(l4);
+    Some(f)
+}
+
+/// A UDP datagram as an IPv4 or IPv6 frame (`None` if the families differ or it is too big).
+fn udp_datagram(
+    macs: ([u8; 6], [u8; 6]),
+    src: SocketAddr,
+    dst: SocketAddr,
+    data: &[u8],
+) -> Option<Vec<u8>> {
+    let len = u16::try_from(8 + data.len()).ok()?;
+    let mut l4 = Vec::with_capacity(8 + data.len());
+    l4.extend_from_slice(&src.port().to_be_bytes());
+    l4.extend_from_slice(&dst.port().to_be_bytes());
+    l4.extend_from_slice(&len.to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(data);
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_frame(macs, s, d, PROTO_UDP, &mut l4, 6, true),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6_frame(macs, (s, d), PROTO_UDP, 64, &mut l4, 6),
+        _ => None,
+    }
 }
 
 /// Internet checksum over `parts`, folded and complemented.
@@ -605,6 +848,24 @@ impl SmolEngine {
                 policy.prefix_len,
             )));
         });
+        if let Some(v6) = &policy.v6 {
+            let g = v6.gateway;
+            if v6.prefix_len != 64
+                || g.is_multicast()
+                || g.is_loopback()
+                || g.is_unspecified()
+                || is_link_local6(g)
+                || g == v6.prefix()
+            {
+                return Err(EngineError::BadPrefix6(g, v6.prefix_len));
+            }
+            iface.update_ip_addrs(|a| {
+                // Capacity is 4 addresses (iface-max-addr-count-4): cannot fail.
+                let _ = a.push(IpCidr::Ipv6(Ipv6Cidr::new(link_local(policy.mac), 64)));
+                let _ = a.push(IpCidr::Ipv6(Ipv6Cidr::new(g, v6.prefix_len)));
+            });
+            let _ = iface.routes_mut().add_default_ipv6_route(g);
+        }
         iface.set_any_ip(true);
         // Any-IP only accepts destinations routed via one of our own addresses.
         let _ = iface.routes_mut().add_default_ipv4_route(policy.gateway);
@@ -620,6 +881,8 @@ impl SmolEngine {
             echo: HashMap::new(),
             echo_keys: HashMap::new(),
             per_guest: HashMap::new(),
+            neigh: HashMap::new(),
+            next_ra: Duration::ZERO,
             frames: VecDeque::new(),
             pending_cmds: Vec::new(),
             now: Duration::ZERO,
@@ -640,104 +903,95 @@ impl SmolEngine {
         id
     }
 
-    fn admit(&mut self, guest: Ipv4Addr) -> bool {
-        let g = self.per_guest.entry(guest).or_insert(GuestFlows {
-            count: 0,
-            mac: [0; 6],
-        });
-        if g.count >= self.policy.max_flows_per_guest {
+    fn admit(&mut self, guest: [u8; 6]) -> bool {
+        let n = self.per_guest.entry(guest).or_insert(0);
+        if *n >= self.policy.max_flows_per_guest {
             self.stats.over_limit += 1;
             return false;
         }
-        g.count += 1;
+        *n += 1;
         true
     }
 
-    fn release(&mut self, guest: Ipv4Addr) {
-        if let Some(g) = self.per_guest.get_mut(&guest) {
-            g.count = g.count.saturating_sub(1);
-            if g.count == 0 {
+    fn release(&mut self, guest: [u8; 6]) {
+        if let Some(n) = self.per_guest.get_mut(&guest) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
                 self.per_guest.remove(&guest);
             }
         }
     }
 
     /// The guest address of a TCP flow (outbound flows are keyed guest first).
-    fn tcp_guest(id: FlowId, f: &TcpFlow) -> Ipv4Addr {
+    fn tcp_guest(id: FlowId, f: &TcpFlow) -> IpAddr {
         if id >= DRIVER_IDS {
-            *f.key.1.ip()
+            f.key.1.ip()
         } else {
-            *f.key.0.ip()
+            f.key.0.ip()
         }
     }
 
     /// The guest address of a UDP flow.
-    fn udp_guest(f: &UdpFlow) -> Ipv4Addr {
+    fn udp_guest(f: &UdpFlow) -> IpAddr {
         if f.inbound {
-            *f.key.1.ip()
+            f.key.1.ip()
         } else {
-            *f.key.0.ip()
+            f.key.0.ip()
         }
     }
 
-    /// Close the flows of the guest addresses last seen from `mac`; returns how many.
+    /// Close the flows of station `mac`: those it owns, and those to an address last seen
+    /// from it (port forwards opened before the guest was seen); returns how many.
     fn close_flows_of(&mut self, mac: [u8; 6]) -> usize {
-        let gone: Vec<Ipv4Addr> = self
-            .per_guest
-            .iter()
-            .filter(|(_, g)| g.mac == mac)
-            .map(|(&ip, _)| ip)
-            .collect();
-        if gone.is_empty() {
-            return 0;
-        }
+        let neigh = &self.neigh;
+        let its = |owner: [u8; 6], ip: IpAddr| owner == mac || neigh.get(&ip) == Some(&mac);
         let tcp: Vec<FlowId> = self
             .tcp
             .iter()
-            .filter(|&(&id, f)| gone.contains(&Self::tcp_guest(id, f)))
+            .filter(|&(&id, f)| its(f.owner, Self::tcp_guest(id, f)))
             .map(|(&id, _)| id)
             .collect();
+        let udp: Vec<FlowId> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| its(f.owner, Self::udp_guest(f)))
+            .map(|(&id, _)| id)
+            .collect();
+        let echo: Vec<FlowId> = self
+            .echo
+            .iter()
+            .filter(|(_, f)| its(f.owner, f.guest))
+            .map(|(&id, _)| id)
+            .collect();
+        self.neigh.retain(|_, m| *m != mac);
         for &id in &tcp {
             if let Some(h) = self.tcp.get(&id).and_then(|f| f.handle) {
                 self.sockets.get_mut::<tcp::Socket>(h).abort();
             }
         }
-        // The resets go out (a guest that only reset its driver hears them).
-        self.iface
-            .poll(sinstant(self.now), &mut self.link, &mut self.sockets);
+        if !tcp.is_empty() {
+            // The resets go out (a guest that only reset its driver hears them).
+            self.iface
+                .poll(sinstant(self.now), &mut self.link, &mut self.sockets);
+        }
         for &id in &tcp {
             self.remove_tcp(id);
             self.pending_cmds
                 .push(HostCmd::TcpClose { id, reset: true });
         }
-        let udp: Vec<FlowId> = self
-            .udp
-            .iter()
-            .filter(|(_, f)| gone.contains(&Self::udp_guest(f)))
-            .map(|(&id, _)| id)
-            .collect();
         for &id in &udp {
             if let Some(f) = self.udp.remove(&id) {
                 self.udp_keys.remove(&f.key);
-                self.release(Self::udp_guest(&f));
+                self.release(f.owner);
                 self.pending_cmds.push(HostCmd::UdpClose { id });
             }
         }
-        let echo: Vec<FlowId> = self
-            .echo
-            .iter()
-            .filter(|(_, f)| gone.contains(&f.guest))
-            .map(|(&id, _)| id)
-            .collect();
         for &id in &echo {
             if let Some(f) = self.echo.remove(&id) {
                 self.echo_keys.remove(&(f.guest, f.dst, f.ident));
-                self.release(f.guest);
+                self.release(f.owner);
                 self.pending_cmds.push(HostCmd::EchoClose { id });
             }
-        }
-        for ip in gone {
-            self.per_guest.remove(&ip);
         }
         tcp.len() + udp.len() + echo.len()
     }
@@ -762,39 +1016,33 @@ impl SmolEngine {
         s
     }
 
-    fn udp_frame(
-        &self,
-        mac: [u8; 6],
-        src: SocketAddrV4,
-        dst: SocketAddrV4,
-        data: &[u8],
-    ) -> Option<Vec<u8>> {
-        let len = u16::try_from(8 + data.len()).ok()?;
-        let mut l4 = Vec::with_capacity(8 + data.len());
-        l4.extend_from_slice(&src.port().to_be_bytes());
-        l4.extend_from_slice(&dst.port().to_be_bytes());
-        l4.extend_from_slice(&len.to_be_bytes());
-        l4.extend_from_slice(&[0, 0]);
-        l4.extend_from_slice(data);
-        ipv4_frame(
-            (mac, self.policy.mac),
-            *src.ip(),
-            *dst.ip(),
-            PROTO_UDP,
-            &mut l4,
-            6,
-            true,
-        )
+    /// Remember that `ip` is at `mac` (the latest MAC seen; new addresses only while the
+    /// table has room).
+    fn learn(&mut self, ip: IpAddr, mac: [u8; 6]) {
+        let room = self.neigh.len() < NEIGH_MAX;
+        match self.neigh.get_mut(&ip) {
+            Some(m) => *m = mac,
+            None if room => {
+                self.neigh.insert(ip, mac);
+            }
+            None => {}
+        }
     }
 
-    fn handle_udp(
-        &mut self,
-        now: Duration,
-        src_mac: [u8; 6],
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
-        l4: &[u8],
-    ) {
+    /// The MAC of a guest address, for frames the gateway starts (port forwards): the
+    /// learned one, else broadcast (IPv4) or the solicited-node group (IPv6).
+    fn guest_mac_of(&self, ip: IpAddr) -> [u8; 6] {
+        match (self.neigh.get(&ip), ip) {
+            (Some(m), _) => *m,
+            (None, IpAddr::V4(_)) => [0xff; 6],
+            (None, IpAddr::V6(a)) => {
+                let o = a.octets();
+                [0x33, 0x33, 0xff, o[13], o[14], o[15]]
+            }
+        }
+    }
+
+    fn handle_udp(&mut self, now: Duration, src_mac: [u8; 6], src: IpAddr, dst: IpAddr, l4: &[u8]) {
         if l4.len() < 8 {
             self.stats.dropped += 1;
             return;
@@ -806,15 +1054,15 @@ impl SmolEngine {
             return;
         }
         let data = &l4[8..ulen];
-        let key = (SocketAddrV4::new(src, sp), SocketAddrV4::new(dst, dp));
+        let key = (SocketAddr::new(src, sp), SocketAddr::new(dst, dp));
         let id = match self.udp_keys.get(&key) {
             Some(&id) => id,
             None => {
-                let Some(host) = self.policy.translate(true, dst, dp) else {
+                let Some(host) = self.policy.translate_ip(true, dst, dp) else {
                     self.stats.denied += 1;
                     return;
                 };
-                if !self.admit(src) {
+                if !self.admit(src_mac) {
                     return;
                 }
                 let id = self.alloc_id();
@@ -827,6 +1075,7 @@ impl SmolEngine {
                     id,
                     UdpFlow {
                         key,
+                        owner: src_mac,
                         guest_mac: src_mac,
                         dst: host,
                         last: now,
@@ -850,43 +1099,36 @@ impl SmolEngine {
         }
     }
 
+    /// An echo request (ICMP or ICMPv6, already checked) from a guest to `dst`.
     fn handle_echo(
         &mut self,
         now: Duration,
         src_mac: [u8; 6],
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         l4: &[u8],
     ) {
-        // Echo request: type 8, code 0, checksum, ident, seq.
-        if l4.len() < 8 || l4[0] != 8 || l4[1] != 0 {
-            self.stats.dropped += 1;
-            return;
-        }
         let (ident, seq) = (be16(l4, 4), be16(l4, 6));
         let key = (src, dst, ident);
         let id = match self.echo_keys.get(&key) {
             Some(&id) => id,
             None => {
-                let Some(host) = self.policy.translate(false, dst, 0) else {
+                let Some(host) = self.policy.translate_ip(false, dst, 0) else {
                     self.stats.denied += 1;
                     return;
                 };
-                if !self.admit(src) {
+                if !self.admit(src_mac) {
                     return;
                 }
                 let id = self.alloc_id();
-                let hip = match host.ip() {
-                    IpAddr::V4(a) => a,
-                    IpAddr::V6(_) => return,
-                };
                 self.echo.insert(
                     id,
                     EchoFlow {
                         guest: src,
+                        owner: src_mac,
                         guest_mac: src_mac,
                         dst,
-                        host: hip,
+                        host: host.ip(),
                         ident,
                         last: now,
                     },
@@ -900,7 +1142,7 @@ impl SmolEngine {
             f.guest_mac = src_mac;
             let cmd = HostCmd::Echo {
                 id,
-                dst: IpAddr::V4(f.host),
+                dst: f.host,
                 seq,
                 data: l4[8..].to_vec(),
             };
@@ -908,7 +1150,14 @@ impl SmolEngine {
         }
     }
 
-    fn handle_tcp(&mut self, now: Duration, frame: &[u8], src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8]) {
+    fn handle_tcp(
+        &mut self,
+        now: Duration,
+        frame: &[u8],
+        src_mac: [u8; 6],
+        (src, dst): (IpAddr, IpAddr),
+        l4: &[u8],
+    ) {
         if l4.len() < 20 {
             self.stats.dropped += 1;
             return;
@@ -916,7 +1165,7 @@ impl SmolEngine {
         let (sp, dp) = (be16(l4, 0), be16(l4, 2));
         let flags = l4[13];
         let (syn, ack, rst) = (flags & 0x02 != 0, flags & 0x10 != 0, flags & 0x04 != 0);
-        let key = (SocketAddrV4::new(src, sp), SocketAddrV4::new(dst, dp));
+        let key = (SocketAddr::new(src, sp), SocketAddr::new(dst, dp));
         if let Some(&id) = self.tcp_keys.get(&key) {
             let Some(f) = self.tcp.get_mut(&id) else {
                 return;
@@ -931,22 +1180,28 @@ impl SmolEngine {
             self.feed_stack(frame);
             return;
         }
+        if let IpAddr::V6(a) = src {
+            // smoltcp learns IPv6 neighbours only from neighbour discovery: tell it where
+            // this guest is before it answers (a reset or a SYN-ACK).
+            self.teach_neighbour(src_mac, a);
+        }
         if !syn || ack || rst {
             // No flow: smoltcp answers with a reset.
             self.feed_stack(frame);
             return;
         }
-        let Some(host) = self.policy.translate(false, dst, dp) else {
+        let Some(host) = self.policy.translate_ip(false, dst, dp) else {
             self.stats.denied += 1;
             self.feed_stack(frame);
             return;
         };
-        if !self.admit(src) {
+        if !self.admit(src_mac) {
             self.feed_stack(frame);
             return;
         }
         let id = self.alloc_id();
-        self.tcp.insert(id, TcpFlow::new(key, Some(frame.to_vec())));
+        self.tcp
+            .insert(id, TcpFlow::new(key, src_mac, Some(frame.to_vec())));
         self.tcp_keys.insert(key, id);
         self.pending_cmds
             .push(HostCmd::TcpConnect { id, dst: host });
@@ -958,7 +1213,7 @@ impl SmolEngine {
         if let Some(h) = f.handle {
             self.sockets.remove(h);
         }
-        self.release(Self::tcp_guest(id, &f));
+        self.release(f.owner);
         Some(f)
     }
 
@@ -1045,7 +1300,7 @@ impl SmolEngine {
         for id in old {
             if let Some(f) = self.udp.remove(&id) {
                 self.udp_keys.remove(&f.key);
-                self.release(Self::udp_guest(&f));
+                self.release(f.owner);
                 self.pending_cmds.push(HostCmd::UdpClose { id });
             }
         }
@@ -1058,7 +1313,7 @@ impl SmolEngine {
         for id in old {
             if let Some(f) = self.echo.remove(&id) {
                 self.echo_keys.remove(&(f.guest, f.dst, f.ident));
-                self.release(f.guest);
+                self.release(f.owner);
                 self.pending_cmds.push(HostCmd::EchoClose { id });
             }
         }
@@ -1071,11 +1326,24 @@ impl SmolEngine {
         };
         // Flows are keyed by what the guest sends: (its end, our end).
         let key = (
-            SocketAddrV4::new(s.ips.1.into(), s.ports.1),
-            SocketAddrV4::new(s.ips.0.into(), s.ports.0),
+            SocketAddr::new(Ipv4Addr::from(s.ips.1).into(), s.ports.1),
+            SocketAddr::new(Ipv4Addr::from(s.ips.0).into(), s.ports.0),
         );
         if let Some(f) = self.tcp_keys.get(&key).and_then(|id| self.tcp.get_mut(id)) {
             f.rescue.sent(now, &s);
+        }
+    }
+
+    /// The gateway's address towards `guest` for connections it opens (port forwards), if
+    /// the guest address is one of the network's.
+    fn local_for(&self, guest: IpAddr) -> Option<IpAddr> {
+        match guest {
+            IpAddr::V4(g) if self.policy.in_subnet(g) => Some(self.policy.gateway.into()),
+            IpAddr::V6(g) => {
+                let v6 = self.policy.v6?;
+                (v6.in_prefix(g) && !self.policy.own6(g)).then_some(v6.gateway.into())
+            }
+            _ => None,
         }
     }
 
@@ -1088,12 +1356,237 @@ impl SmolEngine {
         };
         p
     }
+
+    /// A router advertisement to `(dst_mac, dst)`: the gateway's link-local address as the
+    /// default router, the prefix for SLAAC (on-link, autonomous) and the gateway's address
+    /// as the DNS server (RDNSS, RFC 8106).
+    fn router_advert(&self, dst_mac: [u8; 6], dst: Ipv6Addr) -> Option<Vec<u8>> {
+        let v6 = self.policy.v6.as_ref()?;
+        let mac = self.policy.mac;
+        let mut l4 = Vec::with_capacity(16 + 8 + 32 + 24);
+        // Type, code, checksum, current hop limit 64, no M/O flags, router lifetime.
+        l4.extend_from_slice(&[NDP_RA, 0, 0, 0, 64, 0]);
+        l4.extend_from_slice(&ROUTER_LIFETIME.to_be_bytes());
+        // Reachable time and retransmission timer: unspecified.
+        l4.extend_from_slice(&[0; 8]);
+        // Source link-layer address.
+        l4.extend_from_slice(&[1, 1]);
+        l4.extend_from_slice(&mac);
+        // Prefix information: L (on-link) and A (autonomous).
+        l4.extend_from_slice(&[3, 4, v6.prefix_len, 0xc0]);
+        l4.extend_from_slice(&PREFIX_VALID.to_be_bytes());
+        l4.extend_from_slice(&PREFIX_PREFERRED.to_be_bytes());
+        l4.extend_from_slice(&[0; 4]);
+        l4.extend_from_slice(&v6.prefix().octets());
+        // Recursive DNS server: the forwarder at the gateway's address.
+        l4.extend_from_slice(&[25, 3, 0, 0]);
+        l4.extend_from_slice(&u32::from(ROUTER_LIFETIME).to_be_bytes());
+        l4.extend_from_slice(&v6.gateway.octets());
+        let src = link_local(mac);
+        ipv6_frame((dst_mac, mac), (src, dst), PROTO_ICMPV6, 255, &mut l4, 2)
+    }
+
+    /// A neighbour advertisement for our `target` (router and override flags set).
+    fn neighbour_advert(
+        &self,
+        (dst_mac, dst): ([u8; 6], Ipv6Addr),
+        target: Ipv6Addr,
+        solicited: bool,
+    ) -> Option<Vec<u8>> {
+        let mac = self.policy.mac;
+        let flags = 0x80 | 0x20 | if solicited { 0x40 } else { 0 };
+        let mut l4 = Vec::with_capacity(32);
+        l4.extend_from_slice(&[NDP_NA, 0, 0, 0, flags, 0, 0, 0]);
+        l4.extend_from_slice(&target.octets());
+        l4.extend_from_slice(&[2, 1]);
+        l4.extend_from_slice(&mac);
+        ipv6_frame((dst_mac, mac), (target, dst), PROTO_ICMPV6, 255, &mut l4, 2)
+    }
+
+    /// Tell smoltcp that guest `ip` is at `mac`, as a neighbour advertisement from the guest
+    /// would (smoltcp learns IPv6 neighbours only from neighbour discovery).
+    fn teach_neighbour(&mut self, mac: [u8; 6], ip: Ipv6Addr) {
+        let Some(v6) = self.policy.v6 else { return };
+        if mac[0] & 1 != 0 || !(v6.in_prefix(ip) || is_link_local6(ip)) || self.policy.own6(ip) {
+            return;
+        }
+        self.learn(IpAddr::V6(ip), mac);
+        let mut l4 = Vec::with_capacity(32);
+        l4.extend_from_slice(&[NDP_NA, 0, 0, 0, 0x20, 0, 0, 0]);
+        l4.extend_from_slice(&ip.octets());
+        l4.extend_from_slice(&[2, 1]);
+        l4.extend_from_slice(&mac);
+        let me = link_local(self.policy.mac);
+        if let Some(f) = ipv6_frame(
+            (self.policy.mac, mac),
+            (ip, me),
+            PROTO_ICMPV6,
+            255,
+            &mut l4,
+            2,
+        ) {
+            self.feed_stack(&f);
+        }
+    }
+
+    /// An IPv6 frame from a guest.
+    fn guest_ipv6(&mut self, now: Duration, src_mac: [u8; 6], frame: &[u8]) {
+        let Some(v6) = self.policy.v6 else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let ip = &frame[ETH_HDR..];
+        if ip.len() < IPV6_HDR || ip[0] >> 4 != 6 {
+            self.stats.dropped += 1;
+            return;
+        }
+        let plen = usize::from(be16(ip, 4));
+        if IPV6_HDR + plen > ip.len() {
+            self.stats.dropped += 1;
+            return;
+        }
+        let (next, hop) = (ip[6], ip[7]);
+        let (src, dst) = (ip6(ip, 8), ip6(ip, 24));
+        let l4 = &ip[IPV6_HDR..IPV6_HDR + plen];
+        if next == PROTO_ICMPV6 && l4.len() >= 8 && matches!(l4[0], NDP_RS | NDP_NS | NDP_NA) {
+            self.guest_ndp(frame, src_mac, (src, dst), hop, l4);
+            return;
+        }
+        if dst.is_multicast() {
+            // Group traffic (MLD, mDNS, ...) is not the gateway's business.
+            return;
+        }
+        if src.is_multicast() || src.is_unspecified() || self.policy.own6(src) {
+            self.stats.dropped += 1;
+            return;
+        }
+        if next == PROTO_ICMPV6 && (dst == v6.gateway || dst == link_local(self.policy.mac)) {
+            // Echo to the gateway itself (from any of the guest's addresses) is answered here.
+            if l4.len() >= 8
+                && l4[0] == ICMPV6_ECHO_REQUEST
+                && l4[1] == 0
+                && checksum6(src, dst, PROTO_ICMPV6, l4) == 0
+            {
+                let mut r = l4.to_vec();
+                r[0] = ICMPV6_ECHO_REPLY;
+                let macs = (src_mac, self.policy.mac);
+                if let Some(f) = ipv6_frame(macs, (dst, src), PROTO_ICMPV6, 64, &mut r, 2) {
+                    self.frames.push_back(f);
+                }
+            } else {
+                self.stats.dropped += 1;
+            }
+            return;
+        }
+        // Flows come from the guests' prefix only (SLAAC addresses, not link-local).
+        if !v6.in_prefix(src) {
+            self.stats.dropped += 1;
+            return;
+        }
+        self.learn(IpAddr::V6(src), src_mac);
+        let (s, d) = (IpAddr::V6(src), IpAddr::V6(dst));
+        match next {
+            PROTO_UDP => self.handle_udp(now, src_mac, s, d, l4),
+            PROTO_TCP => self.handle_tcp(now, frame, src_mac, (s, d), l4),
+            PROTO_ICMPV6 if l4.len() >= 8 && l4[0] == ICMPV6_ECHO_REQUEST && l4[1] == 0 => {
+                self.handle_echo(now, src_mac, s, d, l4);
+            }
+            _ => self.stats.dropped += 1,
+        }
+    }
+
+    /// Router and neighbour solicitations, neighbour advertisements.
+    fn guest_ndp(
+        &mut self,
+        frame: &[u8],
+        src_mac: [u8; 6],
+        (src, dst): (Ipv6Addr, Ipv6Addr),
+        hop: u8,
+        l4: &[u8],
+    ) {
+        // RFC 4861: hop limit 255 (not forwarded), code 0, valid checksum.
+        if hop != 255 || l4[1] != 0 || checksum6(src, dst, PROTO_ICMPV6, l4) != 0 {
+            self.stats.dropped += 1;
+            return;
+        }
+        let opts_at = if l4[0] == NDP_RS { 8 } else { 24 };
+        if l4.len() < opts_at || src.is_multicast() {
+            self.stats.dropped += 1;
+            return;
+        }
+        let Some(lladdr) = ndp_lladdr(&l4[opts_at..], if l4[0] == NDP_NA { 2 } else { 1 }) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        match l4[0] {
+            NDP_RS => {
+                // Answered to the soliciting guest only (no amplification to the others).
+                let dst = if src.is_unspecified() {
+                    Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)
+                } else {
+                    src
+                };
+                if let Some(f) = self.router_advert(lladdr.unwrap_or(src_mac), dst) {
+                    self.frames.push_back(f);
+                }
+            }
+            NDP_NS => {
+                let target = ip6(l4, 8);
+                if src.is_unspecified() {
+                    // Duplicate address detection of one of our addresses: defend it.
+                    if self.policy.own6(target) {
+                        let all = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+                        let f = self.neighbour_advert((multicast_mac(all), all), target, false);
+                        self.frames.extend(f);
+                    }
+                    return;
+                }
+                if let Some(m) = lladdr {
+                    self.teach_neighbour(m, src);
+                }
+                if self.policy.own6(target) {
+                    let mac = lladdr.unwrap_or(src_mac);
+                    let f = self.neighbour_advert((mac, src), target, true);
+                    self.frames.extend(f);
+                }
+            }
+            _ => {
+                // An advertisement: smoltcp's own resolutions (it checks the rest).
+                if self.policy.own6(dst) {
+                    self.feed_stack(frame);
+                }
+            }
+        }
+    }
+}
+
+/// The link-layer address option of `kind` (1 source, 2 target) among NDP `opts`:
+/// `None` if the options are malformed, `Some(None)` if it is absent.
+fn ndp_lladdr(mut opts: &[u8], kind: u8) -> Option<Option<[u8; 6]>> {
+    let mut found = None;
+    while !opts.is_empty() {
+        if opts.len() < 2 {
+            return None;
+        }
+        let len = usize::from(opts[1]) * 8;
+        if len == 0 || len > opts.len() {
+            return None;
+        }
+        if opts[0] == kind && len >= 8 {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(&opts[2..8]);
+            found = Some(m);
+        }
+        opts = &opts[len..];
+    }
+    Some(found)
 }
 
 impl TcpFlow {
-    fn new(key: Key, syn: Option<Vec<u8>>) -> Self {
+    fn new(key: Key, owner: [u8; 6], syn: Option<Vec<u8>>) -> Self {
         TcpFlow {
             key,
+            owner,
             handle: None,
             syn,
             inflight: 0,
@@ -1154,18 +1647,20 @@ impl Engine for SmolEngine {
                 }
 
                 let l4 = &ip[ihl..total];
+                self.learn(IpAddr::V4(src), src_mac);
+                let (s, d) = (IpAddr::V4(src), IpAddr::V4(dst));
                 match proto {
-                    PROTO_UDP => self.handle_udp(now, src_mac, src, dst, l4),
+                    PROTO_UDP => self.handle_udp(now, src_mac, s, d, l4),
                     PROTO_ICMP if dst == self.policy.gateway => self.feed_stack(frame),
-                    PROTO_ICMP => self.handle_echo(now, src_mac, src, dst, l4),
-                    PROTO_TCP => self.handle_tcp(now, frame, src, dst, l4),
+                    // Echo request: type 8, code 0, checksum, ident, seq.
+                    PROTO_ICMP if l4.len() >= 8 && l4[0] == 8 && l4[1] == 0 => {
+                        self.handle_echo(now, src_mac, s, d, l4);
+                    }
+                    PROTO_TCP => self.handle_tcp(now, frame, src_mac, (s, d), l4),
                     _ => self.stats.dropped += 1,
                 }
-                // Remember where the guest is (for `close_guest`); new flows included.
-                if let Some(g) = self.per_guest.get_mut(&src) {
-                    g.mac = src_mac;
-                }
             }
+            ETHERTYPE_IPV6 => self.guest_ipv6(now, src_mac, frame),
             _ => self.stats.dropped += 1,
         }
     }
@@ -1178,7 +1673,7 @@ impl Engine for SmolEngine {
                 };
                 let Some(syn) = f.syn.take() else { return };
                 let mut s = Self::new_tcp_socket();
-                let ep = IpEndpoint::new(IpAddress::Ipv4(*f.key.1.ip()), f.key.1.port());
+                let ep = IpEndpoint::new(IpAddress::from(f.key.1.ip()), f.key.1.port());
                 if s.listen(ep).is_err() {
                     self.remove_tcp(id);
                     self.pending_cmds
@@ -1227,23 +1722,33 @@ impl Engine for SmolEngine {
                 }
             }
             HostEvent::TcpInbound { id, guest } => {
-                if !self.admit(*guest.ip()) {
+                let owner = self.neigh.get(&guest.ip()).copied().unwrap_or(UNKNOWN_MAC);
+                let Some(local_ip) = self.local_for(guest.ip()) else {
+                    self.stats.denied += 1;
+                    self.pending_cmds
+                        .push(HostCmd::TcpClose { id, reset: true });
+                    return;
+                };
+                if !self.admit(owner) {
                     self.pending_cmds
                         .push(HostCmd::TcpClose { id, reset: true });
                     return;
                 }
-                let local = SocketAddrV4::new(self.policy.gateway, self.ephemeral());
+                if let (IpAddr::V6(g), false) = (guest.ip(), owner == UNKNOWN_MAC) {
+                    self.teach_neighbour(owner, g);
+                }
+                let local = SocketAddr::new(local_ip, self.ephemeral());
                 let mut s = Self::new_tcp_socket();
-                let remote = IpEndpoint::new(IpAddress::Ipv4(*guest.ip()), guest.port());
-                let lep = IpEndpoint::new(IpAddress::Ipv4(*local.ip()), local.port());
+                let remote = IpEndpoint::new(IpAddress::from(guest.ip()), guest.port());
+                let lep = IpEndpoint::new(IpAddress::from(local.ip()), local.port());
                 if s.connect(self.iface.context(), remote, lep).is_err() {
-                    self.release(*guest.ip());
+                    self.release(owner);
                     self.pending_cmds
                         .push(HostCmd::TcpClose { id, reset: true });
                     return;
                 }
                 let key = (local, guest);
-                let mut f = TcpFlow::new(key, None);
+                let mut f = TcpFlow::new(key, owner, None);
                 f.handle = Some(self.sockets.add(s));
                 self.tcp.insert(id, f);
                 self.tcp_keys.insert((guest, local), id);
@@ -1258,24 +1763,30 @@ impl Engine for SmolEngine {
                 } else {
                     (f.guest_mac, f.key.1, f.key.0)
                 };
-                if let Some(fr) = self.udp_frame(mac, from, to, &data) {
+                if let Some(fr) = udp_datagram((mac, self.policy.mac), from, to, &data) {
                     self.frames.push_back(fr);
                 }
             }
             HostEvent::UdpInbound { id, guest, data } => {
                 if !self.udp.contains_key(&id) {
-                    if !self.admit(*guest.ip()) {
+                    let owner = self.neigh.get(&guest.ip()).copied().unwrap_or(UNKNOWN_MAC);
+                    let Some(local_ip) = self.local_for(guest.ip()) else {
+                        self.stats.denied += 1;
+                        return;
+                    };
+                    if !self.admit(owner) {
                         return;
                     }
-                    let local = SocketAddrV4::new(self.policy.gateway, self.ephemeral());
+                    let local = SocketAddr::new(local_ip, self.ephemeral());
                     // Replies come from the guest to (gateway, port): key them that way.
                     self.udp_keys.insert((guest, local), id);
                     self.udp.insert(
                         id,
                         UdpFlow {
                             key: (local, guest),
-                            guest_mac: [0xff; 6],
-                            dst: SocketAddr::V4(local),
+                            owner,
+                            guest_mac: self.guest_mac_of(guest.ip()),
+                            dst: local,
                             last: now,
                             timeout: self.policy.udp_timeout,
                             inbound: true,
@@ -1294,12 +1805,18 @@ impl Engine for SmolEngine {
                 l4.extend_from_slice(&f.ident.to_be_bytes());
                 l4.extend_from_slice(&seq.to_be_bytes());
                 l4.extend_from_slice(&data);
-                let (mac, g, d) = (f.guest_mac, f.guest, f.dst);
-                if let Some(fr) =
-                    ipv4_frame((mac, self.policy.mac), d, g, PROTO_ICMP, &mut l4, 2, false)
-                {
-                    self.frames.push_back(fr);
-                }
+                let macs = (f.guest_mac, self.policy.mac);
+                let fr = match (f.dst, f.guest) {
+                    (IpAddr::V4(d), IpAddr::V4(g)) => {
+                        ipv4_frame(macs, d, g, PROTO_ICMP, &mut l4, 2, false)
+                    }
+                    (IpAddr::V6(d), IpAddr::V6(g)) => {
+                        l4[0] = ICMPV6_ECHO_REPLY;
+                        ipv6_frame(macs, (d, g), PROTO_ICMPV6, 64, &mut l4, 2)
+                    }
+                    _ => None,
+                };
+                self.frames.extend(fr);
             }
         }
     }
@@ -1324,6 +1841,14 @@ impl Engine for SmolEngine {
         }
         self.splice();
         self.expire(now);
+        if let Some(v6) = self.policy.v6 {
+            if now >= self.next_ra {
+                self.next_ra = now + v6.ra_interval.max(Duration::from_secs(1));
+                let all = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+                let ra = self.router_advert(multicast_mac(all), all);
+                self.frames.extend(ra);
+            }
+        }
         // Outbound UDP replies addressed by the guest (inbound forwards) go to the driver.
         while let Some(f) = self.link.tx.pop_front() {
             self.track_sent(now, &f);
@@ -1354,6 +1879,7 @@ impl Engine for SmolEngine {
             .map(|f| f.last + f.timeout)
             .chain(self.echo.values().map(|f| f.last + SHORT_TIMEOUT))
             .chain(self.tcp.values().filter_map(|f| f.rescue.due()))
+            .chain(self.policy.v6.map(|_| self.next_ra))
             .min();
         match (at, timers) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1444,6 +1970,16 @@ mod tests {
         data_to_guest: usize,
     }
 
+    const GW6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 2, 0, 0, 0, 2);
+    const GUEST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 2, 0, 0, 0, 0x15);
+    const OUT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x80);
+
+    fn policy6() -> NatPolicy {
+        let mut p = policy();
+        p.v6 = Some(NatV6::new(GW6));
+        p
+    }
+
     fn policy() -> NatPolicy {
         let mut p = NatPolicy::new(GW_MAC, GW, 24);
         p.dns = vec!["127.0.0.1:5353".parse().unwrap()];
@@ -1452,6 +1988,7 @@ mod tests {
 
     impl Sim {
         fn new(p: NatPolicy) -> Self {
+            let v6 = p.v6.is_some();
             let eng = SmolEngine::new(p, 7).unwrap();
             let mut link = Link::default();
             let mut cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(G_MAC)));
@@ -1461,6 +1998,16 @@ mod tests {
                 a.push(IpCidr::Ipv4(Ipv4Cidr::new(GUEST, 24))).unwrap();
             });
             g.routes_mut().add_default_ipv4_route(GW).unwrap();
+            if v6 {
+                // SLAAC done: the guest's address in the prefix, the gateway's link-local
+                // address as its router.
+                g.update_ip_addrs(|a| {
+                    a.push(IpCidr::Ipv6(Ipv6Cidr::new(GUEST6, 64))).unwrap();
+                });
+                g.routes_mut()
+                    .add_default_ipv6_route(link_local(GW_MAC))
+                    .unwrap();
+            }
             Sim {
                 eng,
                 g,
@@ -1550,11 +2097,11 @@ mod tests {
             self.sockets.get_mut::<tcp::Socket>(h)
         }
 
-        fn connect(&mut self, dst: Ipv4Addr, port: u16) -> SocketHandle {
+        fn connect(&mut self, dst: impl Into<IpAddr>, port: u16) -> SocketHandle {
             self.connect_from(dst, port, 40000)
         }
 
-        fn connect_from(&mut self, dst: Ipv4Addr, port: u16, local: u16) -> SocketHandle {
+        fn connect_from(&mut self, dst: impl Into<IpAddr>, port: u16, local: u16) -> SocketHandle {
             let mut s = tcp::Socket::new(
                 tcp::SocketBuffer::new(vec![0; self.guest_buf]),
                 tcp::SocketBuffer::new(vec![0; self.guest_buf]),
@@ -1566,7 +2113,7 @@ mod tests {
             let cx = self.g.context();
             self.sockets
                 .get_mut::<tcp::Socket>(h)
-                .connect(cx, (IpAddress::Ipv4(dst), port), local)
+                .connect(cx, (IpAddress::from(dst.into()), port), local)
                 .unwrap();
             h
         }
@@ -2050,7 +2597,7 @@ mod tests {
         let id = DRIVER_IDS + 1;
         sim.event(HostEvent::TcpInbound {
             id,
-            guest: SocketAddrV4::new(GUEST, 22),
+            guest: SocketAddr::new(GUEST.into(), 22),
         });
         sim.run(5);
         assert_eq!(sim.sock(h).state(), tcp::State::Established);
@@ -2170,5 +2717,600 @@ mod tests {
         sim.step();
         assert_eq!(sim.to_guest.len(), 1);
         assert_eq!(&sim.to_guest[0][22..28], &GW_MAC);
+    }
+
+    // ---- IPv6 ----
+
+    fn ip6_at(f: &[u8], at: usize) -> Ipv6Addr {
+        ip6(f, at)
+    }
+
+    /// Offsets in an Ethernet + IPv6 frame.
+    const SRC6: usize = 22;
+    const DST6: usize = 38;
+    const L4_6: usize = 54;
+
+    fn guest_frame6(dst: Ipv6Addr, next: u8, hop: u8, l4: &mut [u8], csum_at: usize) -> Vec<u8> {
+        let dmac = if dst.is_multicast() {
+            multicast_mac(dst)
+        } else {
+            GW_MAC
+        };
+        ipv6_frame((dmac, G_MAC), (GUEST6, dst), next, hop, l4, csum_at).unwrap()
+    }
+
+    fn guest_udp6(dst: Ipv6Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&u16::try_from(8 + data.len()).unwrap().to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+        l4.extend_from_slice(data);
+        guest_frame6(dst, PROTO_UDP, 64, &mut l4, 6)
+    }
+
+    fn solicited_node(a: Ipv6Addr) -> Ipv6Addr {
+        let o = a.octets();
+        Ipv6Addr::new(
+            0xff02,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0xff00 | u16::from(o[13]),
+            u16::from_be_bytes([o[14], o[15]]),
+        )
+    }
+
+    fn neighbour_solicit(src: Ipv6Addr, dst: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+        let mut l4 = vec![NDP_NS, 0, 0, 0, 0, 0, 0, 0];
+        l4.extend_from_slice(&target.octets());
+        if !src.is_unspecified() {
+            l4.extend_from_slice(&[1, 1]);
+            l4.extend_from_slice(&G_MAC);
+        }
+        let dmac = if dst.is_multicast() {
+            multicast_mac(dst)
+        } else {
+            GW_MAC
+        };
+        ipv6_frame((dmac, G_MAC), (src, dst), PROTO_ICMPV6, 255, &mut l4, 2).unwrap()
+    }
+
+    fn icmp6_ok(f: &[u8]) -> bool {
+        checksum6(ip6_at(f, SRC6), ip6_at(f, DST6), PROTO_ICMPV6, &f[L4_6..]) == 0
+    }
+
+    fn established6(sim: &mut Sim) -> (SocketHandle, FlowId) {
+        let h = sim.connect(OUT6, 80);
+        sim.run(5);
+        let (id, dst) = connect_id(&sim.take());
+        assert_eq!(dst, SocketAddr::new(OUT6.into(), 80));
+        assert_eq!(sim.sock(h).state(), tcp::State::SynSent);
+        sim.event(HostEvent::TcpConnected { id });
+        sim.run(5);
+        assert_eq!(sim.sock(h).state(), tcp::State::Established);
+        assert!(sim.take().contains(&HostCmd::TcpRead { id }));
+        (h, id)
+    }
+
+    #[test]
+    fn tcp6_open_data_half_close() {
+        let mut sim = Sim::new(policy6());
+        let (h, id) = established6(&mut sim);
+        sim.sock(h).send_slice(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        sim.run(3);
+        let sent: Vec<u8> = sim
+            .take()
+            .into_iter()
+            .filter_map(|c| match c {
+                HostCmd::TcpSend { id: i, data } if i == id => Some(data),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(sent, b"GET / HTTP/1.0\r\n\r\n");
+        sim.event(HostEvent::TcpWritten { id, n: sent.len() });
+        sim.event(HostEvent::TcpData {
+            id,
+            data: b"HTTP/1.0 200 OK\r\n".to_vec(),
+        });
+        sim.run(3);
+        let mut buf = [0u8; 64];
+        let n = sim.sock(h).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.0 200 OK\r\n");
+        // The segments towards the guest are IPv6 from the destination it dialled.
+        let seg = sim
+            .to_guest
+            .iter()
+            .rev()
+            .find(|f| be16(f, 12) == ETHERTYPE_IPV6 && f[20] == PROTO_TCP)
+            .unwrap();
+        assert_eq!((ip6_at(seg, SRC6), ip6_at(seg, DST6)), (OUT6, GUEST6));
+        assert!(sim.take().contains(&HostCmd::TcpRead { id }));
+        // Half-close from the guest; the host's data still arrives; then the host's EOF.
+        sim.sock(h).close();
+        sim.run(3);
+        assert!(sim.take().contains(&HostCmd::TcpShutdown { id }));
+        sim.event(HostEvent::TcpData {
+            id,
+            data: b"body".to_vec(),
+        });
+        sim.run(3);
+        let n = sim.sock(h).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"body");
+        sim.event(HostEvent::TcpEof { id });
+        sim.run(10);
+        assert!(matches!(
+            sim.sock(h).state(),
+            tcp::State::TimeWait | tcp::State::Closed
+        ));
+        assert!(sim.take().contains(&HostCmd::TcpClose { id, reset: false }));
+        assert_eq!(sim.eng.stats().tcp_flows, 0);
+    }
+
+    #[test]
+    fn tcp6_refused_reset_and_denied() {
+        let mut sim = Sim::new(policy6());
+        // Refused on the host: the guest gets a reset.
+        let h = sim.connect(OUT6, 81);
+        sim.run(5);
+        let (id, _) = connect_id(&sim.take());
+        sim.event(HostEvent::TcpRefused { id });
+        sim.run(5);
+        assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+        // Reset by the host once established: reset to the guest too.
+        let (h, id) = established6(&mut sim);
+        sim.event(HostEvent::TcpReset { id });
+        sim.run(5);
+        assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+        assert_eq!(sim.eng.stats().tcp_flows, 0);
+        // Policy: the host's ::1, link-local, the network's own prefix, IPv4-mapped
+        // loopback: reset, and no host socket.
+        let denied = [
+            Ipv6Addr::LOCALHOST,
+            "fe80::1".parse().unwrap(),
+            "fd00:10:0:2::99".parse().unwrap(),
+            GW6,
+            "::ffff:127.0.0.1".parse().unwrap(),
+        ];
+        for (i, d) in denied.into_iter().enumerate() {
+            sim.to_guest.clear();
+            let sport = 41000 + i as u16;
+            let mut l4 = vec![0u8; 20];
+            l4[0..2].copy_from_slice(&sport.to_be_bytes());
+            l4[2..4].copy_from_slice(&22u16.to_be_bytes());
+            l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+            l4[12] = 5 << 4;
+            l4[13] = 0x02; // SYN
+            l4[14..16].copy_from_slice(&8192u16.to_be_bytes());
+            sim.eng
+                .guest_frame(sim.now, &guest_frame6(d, PROTO_TCP, 64, &mut l4, 16));
+            sim.step();
+            // smoltcp answers the SYN with a reset from the address the guest dialled.
+            let rst = sim.to_guest.iter().any(|f| {
+                be16(f, 12) == ETHERTYPE_IPV6
+                    && f[20] == PROTO_TCP
+                    && ip6_at(f, SRC6) == d
+                    && be16(f, L4_6 + 2) == sport
+                    && f[L4_6 + 13] & 0x04 != 0
+            });
+            assert!(rst, "{d}: no reset");
+        }
+        assert!(!sim
+            .take()
+            .iter()
+            .any(|c| matches!(c, HostCmd::TcpConnect { .. })));
+        assert_eq!(sim.eng.stats().denied, denied.len() as u64);
+    }
+
+    #[test]
+    fn host_loopback6_maps_an_address_to_localhost6() {
+        let mut p = policy6();
+        if let Some(v6) = p.v6.as_mut() {
+            v6.host_loopback = Some(GW6);
+        }
+        let mut sim = Sim::new(p);
+        sim.connect(GW6, 8080);
+        sim.run(5);
+        let (_, dst) = connect_id(&sim.take());
+        assert_eq!(dst, "[::1]:8080".parse().unwrap());
+        // UDP too, but the gateway's port 53 stays the DNS forwarder.
+        sim.eng
+            .guest_frame(sim.now, &guest_udp6(GW6, 5000, 7, b"x"));
+        sim.eng
+            .guest_frame(sim.now, &guest_udp6(GW6, 5001, 53, b"q"));
+        sim.step();
+        let dsts: Vec<SocketAddr> = sim
+            .take()
+            .into_iter()
+            .filter_map(|c| match c {
+                HostCmd::UdpSend { dst, .. } => Some(dst),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            dsts,
+            vec![
+                "[::1]:7".parse().unwrap(),
+                "127.0.0.1:5353".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn udp6_flows_dns_and_timeouts() {
+        let mut sim = Sim::new(policy6());
+        sim.eng
+            .guest_frame(sim.now, &guest_udp6(OUT6, 5000, 7, b"ping"));
+        sim.eng
+            .guest_frame(sim.now, &guest_udp6(OUT6, 5000, 7, b"again"));
+        sim.eng
+            .guest_frame(sim.now, &guest_udp6(GW6, 5001, 53, b"query"));
+        sim.step();
+        let sends: Vec<_> = sim
+            .take()
+            .into_iter()
+            .filter_map(|c| match c {
+                HostCmd::UdpSend { id, dst, data } => Some((id, dst, data)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sends.len(), 3);
+        assert_eq!(sends[0].0, sends[1].0, "one flow for one 4-tuple");
+        assert_eq!(sends[0].1, SocketAddr::new(OUT6.into(), 7));
+        assert_eq!(sends[1].2, b"again");
+        assert_eq!(sends[2].1, "127.0.0.1:5353".parse().unwrap(), "DNS relayed");
+        sim.to_guest.clear();
+        sim.event(HostEvent::UdpRecv {
+            id: sends[0].0,
+            data: b"pong".to_vec(),
+        });
+        sim.event(HostEvent::UdpRecv {
+            id: sends[2].0,
+            data: b"answer".to_vec(),
+        });
+        sim.step();
+        let f = &sim.to_guest[0];
+        assert_eq!(&f[..6], &G_MAC);
+        assert_eq!(be16(f, 12), ETHERTYPE_IPV6);
+        assert_eq!((ip6_at(f, SRC6), ip6_at(f, DST6)), (OUT6, GUEST6));
+        assert_eq!((be16(f, L4_6), be16(f, L4_6 + 2)), (7, 5000));
+        assert_eq!(&f[L4_6 + 8..], b"pong");
+        assert_eq!(checksum6(OUT6, GUEST6, PROTO_UDP, &f[L4_6..]), 0);
+        let d = &sim.to_guest[1];
+        assert_eq!((ip6_at(d, SRC6), be16(d, L4_6)), (GW6, 53));
+        assert_eq!(&d[L4_6 + 8..], b"answer");
+        sim.now += SHORT_TIMEOUT;
+        sim.step();
+        assert_eq!(sim.take(), vec![HostCmd::UdpClose { id: sends[2].0 }]);
+        sim.now += UDP_TIMEOUT;
+        sim.step();
+        assert_eq!(sim.take(), vec![HostCmd::UdpClose { id: sends[0].0 }]);
+        assert_eq!(sim.eng.stats().udp_flows, 0);
+    }
+
+    #[test]
+    fn icmpv6_echo_through_the_host_and_to_the_gateway() {
+        let mut sim = Sim::new(policy6());
+        let mut l4 = vec![ICMPV6_ECHO_REQUEST, 0, 0, 0, 0x12, 0x34, 0, 1, b'x', b'y'];
+        let f = guest_frame6(OUT6, PROTO_ICMPV6, 64, &mut l4, 2);
+        sim.eng.guest_frame(sim.now, &f);
+        sim.step();
+        let cmds = sim.take();
+        let HostCmd::Echo { id, dst, seq, data } = &cmds[0] else {
+            panic!("{cmds:?}")
+        };
+        assert_eq!(
+            (*dst, *seq, data.as_slice()),
+            (IpAddr::V6(OUT6), 1, &b"xy"[..])
+        );
+        sim.to_guest.clear();
+        sim.event(HostEvent::EchoReply {
+            id: *id,
+            seq: 1,
+            data: b"xy".to_vec(),
+        });
+        sim.step();
+        let r = &sim.to_guest[0];
+        assert_eq!((ip6_at(r, SRC6), ip6_at(r, DST6)), (OUT6, GUEST6));
+        assert_eq!(
+            &r[L4_6..],
+            &[
+                129,
+                0,
+                r[L4_6 + 2],
+                r[L4_6 + 3],
+                0x12,
+                0x34,
+                0,
+                1,
+                b'x',
+                b'y'
+            ]
+        );
+        assert!(icmp6_ok(r));
+        sim.now += SHORT_TIMEOUT;
+        sim.step();
+        assert_eq!(sim.take(), vec![HostCmd::EchoClose { id: *id }]);
+        // The gateway answers echo to its own addresses itself, and nothing goes to the host.
+        for gw in [GW6, link_local(GW_MAC)] {
+            sim.to_guest.clear();
+            let mut l4 = vec![ICMPV6_ECHO_REQUEST, 0, 0, 0, 0, 7, 0, 2, b'z'];
+            let f = guest_frame6(gw, PROTO_ICMPV6, 64, &mut l4, 2);
+            sim.eng.guest_frame(sim.now, &f);
+            sim.step();
+            let r = &sim.to_guest[0];
+            assert_eq!((ip6_at(r, SRC6), r[L4_6]), (gw, ICMPV6_ECHO_REPLY));
+            assert!(icmp6_ok(r));
+            assert!(sim.take().is_empty());
+        }
+        // Echo to the host's ::1 is denied without host_loopback.
+        let mut l4 = vec![ICMPV6_ECHO_REQUEST, 0, 0, 0, 0, 8, 0, 1];
+        let f = guest_frame6(Ipv6Addr::LOCALHOST, PROTO_ICMPV6, 64, &mut l4, 2);
+        sim.eng.guest_frame(sim.now, &f);
+        sim.step();
+        assert!(sim.take().is_empty());
+        assert_eq!(sim.eng.stats().denied, 1);
+    }
+
+    #[test]
+    fn ndp_and_router_advertisements_for_the_gateway() {
+        let mut sim = Sim::new(policy6());
+        let ll = link_local(GW_MAC);
+        let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+        // An unsolicited advertisement at start-up, then one per interval.
+        let mut out = Vec::new();
+        sim.eng.poll(
+            Duration::ZERO,
+            &mut |f: &[u8]| out.push(f.to_vec()),
+            &mut Vec::new(),
+        );
+        assert_eq!(out.len(), 1);
+        let ra = &out[0];
+        assert_eq!(&ra[..6], &multicast_mac(all_nodes));
+        assert_eq!(&ra[6..12], &GW_MAC);
+        assert_eq!((ra[20], ra[21]), (PROTO_ICMPV6, 255));
+        assert_eq!((ip6_at(ra, SRC6), ip6_at(ra, DST6)), (ll, all_nodes));
+        assert_eq!(ra[L4_6], NDP_RA);
+        assert!(icmp6_ok(ra));
+        assert_eq!(be16(ra, L4_6 + 6), ROUTER_LIFETIME);
+        let opts = &ra[L4_6 + 16..];
+        assert_eq!(&opts[..8], &[1, 1, 2, 0, 0, 0, 0, 2]);
+        assert_eq!(&opts[8..12], &[3, 4, 64, 0xc0]);
+        assert_eq!(
+            ip6_at(opts, 24),
+            "fd00:10:0:2::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(&opts[40..44], &[25, 3, 0, 0]);
+        assert_eq!(ip6_at(opts, 48), GW6);
+        let mut out = Vec::new();
+        let t = RA_INTERVAL - Duration::from_millis(1);
+        sim.eng
+            .poll(t, &mut |f: &[u8]| out.push(f.to_vec()), &mut Vec::new());
+        assert!(out.is_empty());
+        assert_eq!(sim.eng.poll_at(t), Some(RA_INTERVAL));
+        sim.eng.poll(
+            RA_INTERVAL,
+            &mut |f: &[u8]| out.push(f.to_vec()),
+            &mut Vec::new(),
+        );
+        assert_eq!(out.len(), 1);
+        sim.now = RA_INTERVAL + STEP;
+
+        // Neighbour solicitations for the gateway's addresses, multicast and unicast (NUD).
+        for (dst, target) in [
+            (solicited_node(GW6), GW6),
+            (solicited_node(ll), ll),
+            (ll, ll),
+        ] {
+            sim.to_guest.clear();
+            sim.eng
+                .guest_frame(sim.now, &neighbour_solicit(GUEST6, dst, target));
+            sim.step();
+            assert_eq!(sim.to_guest.len(), 1, "{dst} {target}");
+            let na = &sim.to_guest[0];
+            assert_eq!(&na[..6], &G_MAC);
+            assert_eq!((ip6_at(na, SRC6), ip6_at(na, DST6)), (target, GUEST6));
+            assert_eq!(na[L4_6], NDP_NA);
+            assert_eq!(
+                na[L4_6 + 4],
+                0x80 | 0x40 | 0x20,
+                "router, solicited, override"
+            );
+            assert_eq!(ip6_at(na, L4_6 + 8), target);
+            assert_eq!(&na[L4_6 + 24..L4_6 + 32], &[2, 1, 2, 0, 0, 0, 0, 2]);
+            assert!(icmp6_ok(na));
+        }
+        // Not for others' addresses (another guest's, or any other in the prefix).
+        sim.to_guest.clear();
+        let other: Ipv6Addr = "fd00:10:0:2::16".parse().unwrap();
+        sim.eng.guest_frame(
+            sim.now,
+            &neighbour_solicit(GUEST6, solicited_node(other), other),
+        );
+        sim.step();
+        assert!(sim.to_guest.is_empty());
+        // Duplicate address detection of the gateway's address is defended.
+        sim.eng.guest_frame(
+            sim.now,
+            &neighbour_solicit(Ipv6Addr::UNSPECIFIED, solicited_node(GW6), GW6),
+        );
+        sim.step();
+        assert_eq!(sim.to_guest.len(), 1);
+        assert_eq!(ip6_at(&sim.to_guest[0], DST6), all_nodes);
+        assert_eq!(sim.to_guest[0][L4_6 + 4], 0x80 | 0x20);
+        // A hop limit other than 255, or a bad checksum, is ignored.
+        sim.to_guest.clear();
+        let mut f = neighbour_solicit(GUEST6, solicited_node(GW6), GW6);
+        f[21] = 64;
+        sim.eng.guest_frame(sim.now, &f);
+        let mut f = neighbour_solicit(GUEST6, solicited_node(GW6), GW6);
+        f[L4_6 + 2] ^= 1;
+        sim.eng.guest_frame(sim.now, &f);
+        sim.step();
+        assert!(sim.to_guest.is_empty());
+        // A router solicitation gets an advertisement, unicast to the soliciting guest.
+        let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+        let mut l4 = vec![NDP_RS, 0, 0, 0, 0, 0, 0, 0, 1, 1];
+        l4.extend_from_slice(&G_MAC);
+        let f = ipv6_frame(
+            (multicast_mac(all_routers), G_MAC),
+            (Ipv6Addr::UNSPECIFIED, all_routers),
+            PROTO_ICMPV6,
+            255,
+            &mut l4,
+            2,
+        )
+        .unwrap();
+        // (With an unspecified source the option is not allowed: RFC 4861 6.1.1.)
+        sim.eng.guest_frame(sim.now, &f);
+        sim.step();
+        assert_eq!(sim.to_guest.len(), 1);
+        let ra = &sim.to_guest[0];
+        assert_eq!((&ra[..6], ra[L4_6]), (&G_MAC[..], NDP_RA));
+        assert_eq!(ip6_at(ra, DST6), all_nodes);
+        assert!(icmp6_ok(ra));
+    }
+
+    #[test]
+    fn v6_flows_count_toward_the_per_guest_limit() {
+        let mut p = policy6();
+        p.max_flows_per_guest = 2;
+        let mut sim = Sim::new(p);
+        sim.eng.guest_frame(sim.now, &guest_udp(OUT, 1, 7, b"a"));
+        sim.eng.guest_frame(sim.now, &guest_udp6(OUT6, 1, 7, b"b"));
+        // A third flow from another of the guest's IPv6 addresses: same MAC, same guest.
+        let mut l4 = vec![0, 2, 0, 7, 0, 9, 0, 0, b'c'];
+        let other: Ipv6Addr = "fd00:10:0:2::77".parse().unwrap();
+        let f = ipv6_frame((GW_MAC, G_MAC), (other, OUT6), PROTO_UDP, 64, &mut l4, 6).unwrap();
+        sim.eng.guest_frame(sim.now, &f);
+        sim.step();
+        let n = sim
+            .take()
+            .iter()
+            .filter(|c| matches!(c, HostCmd::UdpSend { .. }))
+            .count();
+        assert_eq!(n, 2);
+        assert_eq!(sim.eng.stats().over_limit, 1);
+        // A TCP SYN over the limit gets a reset, not a host connection.
+        let h = sim.connect(OUT6, 80);
+        sim.run(5);
+        assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+        assert!(sim.take().is_empty());
+        assert_eq!(sim.eng.stats().over_limit, 2);
+    }
+
+    #[test]
+    fn ipv6_without_v6_policy_is_dropped() {
+        let mut sim = Sim::new(policy());
+        sim.eng
+            .guest_frame(sim.now, &guest_udp6(OUT6, 5000, 7, b"ping"));
+        sim.eng.guest_frame(
+            sim.now,
+            &neighbour_solicit(GUEST6, solicited_node(GW6), GW6),
+        );
+        sim.step();
+        assert!(sim.take().is_empty());
+        assert!(sim.to_guest.is_empty());
+        assert_eq!(sim.eng.stats().dropped, 2);
+    }
+
+    #[test]
+    fn inbound_forward_to_a_guest_ipv6_address() {
+        let mut sim = Sim::new(policy6());
+        // The guest was seen (its address and MAC are known), then a host client connects.
+        sim.eng
+            .guest_frame(sim.now, &guest_udp6(OUT6, 5000, 7, b"hi"));
+        sim.step();
+        sim.take();
+        let mut s = SmolEngine::new_tcp_socket();
+        s.listen(22).unwrap();
+        let h = sim.sockets.add(s);
+        let id = DRIVER_IDS + 1;
+        sim.event(HostEvent::TcpInbound {
+            id,
+            guest: SocketAddr::new(GUEST6.into(), 22),
+        });
+        sim.run(10);
+        assert_eq!(sim.sock(h).state(), tcp::State::Established);
+        assert_eq!(
+            sim.sock(h).remote_endpoint().map(|e| IpAddr::from(e.addr)),
+            Some(IpAddr::V6(GW6))
+        );
+        assert!(sim.take().contains(&HostCmd::TcpRead { id }));
+        sim.event(HostEvent::TcpData {
+            id,
+            data: b"SSH-2.0".to_vec(),
+        });
+        sim.run(3);
+        let mut buf = [0u8; 16];
+        let n = sim.sock(h).recv_slice(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"SSH-2.0");
+        // A UDP forward: the datagram reaches the guest from the gateway's IPv6 address, at
+        // the guest's MAC.
+        sim.to_guest.clear();
+        sim.event(HostEvent::UdpInbound {
+            id: id + 2,
+            guest: SocketAddr::new(GUEST6.into(), 53),
+            data: b"q".to_vec(),
+        });
+        sim.step();
+        let f = &sim.to_guest[0];
+        assert_eq!(&f[..6], &G_MAC);
+        assert_eq!((ip6_at(f, SRC6), ip6_at(f, DST6)), (GW6, GUEST6));
+        assert_eq!((be16(f, L4_6 + 2), &f[L4_6 + 8..]), (53, &b"q"[..]));
+        assert_eq!(checksum6(GW6, GUEST6, PROTO_UDP, &f[L4_6..]), 0);
+        // A forward to an address outside the prefix is refused.
+        sim.event(HostEvent::TcpInbound {
+            id: id + 1,
+            guest: "[2001:db8::1]:22".parse().unwrap(),
+        });
+        sim.step();
+        assert!(sim.take().contains(&HostCmd::TcpClose {
+            id: id + 1,
+            reset: true
+        }));
+    }
+
+    #[test]
+    fn the_sink_takes_solicitations_but_not_other_groups() {
+        assert!(wants_frame(GW_MAC, GW_MAC));
+        assert!(wants_frame(GW_MAC, [0xff; 6]));
+        assert!(wants_frame(
+            GW_MAC,
+            multicast_mac("ff02::2".parse().unwrap())
+        ));
+        assert!(wants_frame(GW_MAC, multicast_mac(solicited_node(GW6))));
+        assert!(!wants_frame(GW_MAC, G_MAC));
+        assert!(!wants_frame(
+            GW_MAC,
+            multicast_mac("ff02::1".parse().unwrap())
+        ));
+        assert!(!wants_frame(
+            GW_MAC,
+            multicast_mac("ff02::16".parse().unwrap())
+        ));
+        assert!(!wants_frame(GW_MAC, [0x01, 0, 0x5e, 0, 0, 0xfb]));
+    }
+
+    #[test]
+    fn v6_policy_rejects_a_bad_gateway() {
+        for (gw, len) in [
+            ("fd00::", 64),
+            ("fe80::2", 64),
+            ("ff02::2", 64),
+            ("fd00::2", 48),
+        ] {
+            let mut p = policy();
+            let mut v6 = NatV6::new(gw.parse().unwrap());
+            v6.prefix_len = len;
+            p.v6 = Some(v6);
+            assert!(
+                matches!(SmolEngine::new(p, 1), Err(EngineError::BadPrefix6(..))),
+                "{gw}/{len}"
+            );
+        }
     }
 }

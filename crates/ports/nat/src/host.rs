@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +29,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ForwardError {
     /// The text is not `PROTO:HOST_IP:PORT -> [GUEST_IP:]PORT`.
-    #[error("Invalid forward {0:?}: expected e.g. \"tcp:127.0.0.1:2222 -> 22\"")]
+    #[error(
+        "Invalid forward {0:?}: expected e.g. \"tcp:127.0.0.1:2222 -> 22\" or \"tcp:[::1]:2222 -> [fd00::10]:22\""
+    )]
     Syntax(String),
     /// Only a port was given and there is no default guest address.
     #[error("Forward {0:?} names no guest address and there is no reserved one")]
@@ -52,13 +54,14 @@ pub struct Forward {
     pub proto: ForwardProto,
     /// Where the host listens.
     pub host: SocketAddr,
-    /// The guest service.
-    pub guest: SocketAddrV4,
+    /// The guest service (IPv4, or IPv6 in the network's prefix).
+    pub guest: SocketAddr,
 }
 
 impl Forward {
-    /// Parse `tcp:127.0.0.1:2222 -> 22` or `udp:0.0.0.0:5353 -> 10.0.2.15:53`; a bare guest
-    /// port goes to `default_guest`.
+    /// Parse `tcp:127.0.0.1:2222 -> 22`, `udp:0.0.0.0:5353 -> 10.0.2.15:53` or
+    /// `tcp:[::1]:2222 -> [fd00::10]:22` (either side may be IPv4 or IPv6); a bare guest port
+    /// goes to `default_guest`.
     pub fn parse(s: &str, default_guest: Option<Ipv4Addr>) -> Result<Self, ForwardError> {
         let bad = || ForwardError::Syntax(s.into());
         let (left, right) = s.split_once("->").ok_or_else(bad)?;
@@ -70,10 +73,12 @@ impl Forward {
         };
         let host = SocketAddr::from_str(host.trim()).map_err(|_| bad())?;
         let right = right.trim();
-        let guest = match (SocketAddrV4::from_str(right), u16::from_str(right)) {
+        let guest = match (SocketAddr::from_str(right), u16::from_str(right)) {
             (Ok(g), _) => g,
-            (_, Ok(p)) => SocketAddrV4::new(
-                default_guest.ok_or_else(|| ForwardError::NoGuest(s.into()))?,
+            (_, Ok(p)) => SocketAddr::new(
+                default_guest
+                    .ok_or_else(|| ForwardError::NoGuest(s.into()))?
+                    .into(),
                 p,
             ),
             _ => return Err(bad()),
@@ -141,8 +146,8 @@ pub trait FrameOut: Send {
 
 enum Msg {
     Ev(HostEvent),
-    Accepted(FlowId, TcpStream, SocketAddrV4),
-    UdpIn(FlowId, Arc<UdpSocket>, SocketAddr, SocketAddrV4, Vec<u8>),
+    Accepted(FlowId, TcpStream, SocketAddr),
+    UdpIn(FlowId, Arc<UdpSocket>, SocketAddr, SocketAddr, Vec<u8>),
 }
 
 enum WriteOp {
@@ -265,12 +270,16 @@ fn icmp_checksum(b: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Open an ICMP echo socket to `dst`: an unprivileged ping socket, else (with CAP_NET_RAW) a
-/// raw socket. Returns the socket and whether it is raw.
-fn ping_socket(dst: Ipv4Addr) -> io::Result<(std::net::UdpSocket, bool)> {
-    let (s, raw) = match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
+/// Open an ICMP (or ICMPv6) echo socket to `dst`: an unprivileged ping socket, else (with
+/// CAP_NET_RAW) a raw socket. Returns the socket and whether it is raw.
+fn ping_socket(dst: IpAddr) -> io::Result<(std::net::UdpSocket, bool)> {
+    let (domain, proto) = match dst {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+    };
+    let (s, raw) = match Socket::new(domain, Type::DGRAM, Some(proto)) {
         Ok(s) => (s, false),
-        Err(e) => match Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)) {
+        Err(e) => match Socket::new(domain, Type::RAW, Some(proto)) {
             Ok(s) => (s, true),
             Err(_) => {
                 return Err(io::Error::new(
@@ -284,7 +293,7 @@ fn ping_socket(dst: Ipv4Addr) -> io::Result<(std::net::UdpSocket, bool)> {
         },
     };
     s.set_nonblocking(true)?;
-    s.connect(&SocketAddr::new(dst.into(), 0).into())?;
+    s.connect(&SocketAddr::new(dst, 0).into())?;
     Ok((s.into(), raw))
 }
 
@@ -475,7 +484,8 @@ impl Driver {
                 let bind: SocketAddr = match dst.ip() {
                     IpAddr::V4(a) if a.is_loopback() => (Ipv4Addr::LOCALHOST, 0).into(),
                     IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-                    IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+                    IpAddr::V6(a) if a.is_loopback() => (Ipv6Addr::LOCALHOST, 0).into(),
+                    IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
                 };
                 let s = std::net::UdpSocket::bind(bind)?;
                 s.connect(dst)?;
@@ -518,9 +528,14 @@ impl Driver {
     }
 
     fn echo_send(&mut self, id: FlowId, dst: IpAddr, seq: u16, data: &[u8]) {
-        let IpAddr::V4(dst4) = dst else { return };
+        // ICMP echo request/reply types, and whether raw replies start with an IPv4 header
+        // (raw ICMPv6 sockets deliver the ICMPv6 message alone).
+        let (request, reply, v4) = match dst {
+            IpAddr::V4(_) => (8u8, 0u8, true),
+            IpAddr::V6(_) => (128, 129, false),
+        };
         if !self.echo.contains_key(&id) {
-            let (s, raw) = match ping_socket(dst4) {
+            let (s, raw) = match ping_socket(dst) {
                 Ok(x) => x,
                 Err(e) => {
                     if !self.echo_warned {
@@ -541,7 +556,10 @@ impl Driver {
                 while let Ok(n) = r.recv(&mut buf).await {
                     let mut p = &buf[..n];
                     if raw {
-                        let ihl = p.first().map_or(0, |b| usize::from(b & 0xf) * 4);
+                        let ihl = match (v4, p.first()) {
+                            (true, Some(b)) => usize::from(b & 0xf) * 4,
+                            _ => 0,
+                        };
                         if p.len() < ihl + 8 {
                             continue;
                         }
@@ -550,7 +568,7 @@ impl Driver {
                             continue;
                         }
                     }
-                    if p.len() < 8 || p[0] != 0 {
+                    if p.len() < 8 || p[0] != reply {
                         continue;
                     }
                     let seq = u16::from_be_bytes([p[6], p[7]]);
@@ -576,11 +594,12 @@ impl Driver {
         }
         if let Some(h) = self.echo.get(&id) {
             let mut pkt = Vec::with_capacity(8 + data.len());
-            pkt.extend_from_slice(&[8, 0, 0, 0]);
+            pkt.extend_from_slice(&[request, 0, 0, 0]);
             pkt.extend_from_slice(&h.ident.to_be_bytes());
             pkt.extend_from_slice(&seq.to_be_bytes());
             pkt.extend_from_slice(data);
-            if h.raw {
+            // The kernel computes ICMPv6 checksums (on raw sockets too: RFC 3542 3.1).
+            if h.raw && v4 {
                 let c = icmp_checksum(&pkt);
                 pkt[2..4].copy_from_slice(&c.to_be_bytes());
             }
@@ -713,6 +732,26 @@ mod tests {
             Forward::parse("tcp:127.0.0.1:1 -> 22", None),
             Err(ForwardError::NoGuest("tcp:127.0.0.1:1 -> 22".into()))
         );
+        // IPv6 on either side; a bare port still goes to the IPv4 reservation.
+        assert_eq!(
+            Forward::parse("tcp:[::1]:2222 -> [fd00::10]:22", g),
+            Ok(Forward {
+                proto: ForwardProto::Tcp,
+                host: "[::1]:2222".parse().unwrap(),
+                guest: "[fd00::10]:22".parse().unwrap(),
+            })
+        );
+        assert_eq!(
+            Forward::parse("udp:[::]:5353 -> 53", g).map(|f| f.guest),
+            Ok("10.0.2.15:53".parse().unwrap())
+        );
+        for bad in ["tcp:::1:2222 -> 22", "tcp:[::1]:1 -> fd00::10:22"] {
+            assert_eq!(
+                Forward::parse(bad, g),
+                Err(ForwardError::Syntax(bad.into())),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -55,8 +55,8 @@ impl PortSink for NatSink {
         if frame.read_at(0, &mut dst) < 6 {
             return Err(DropReason::FrameTooShort);
         }
-        let dst = MacAddr(dst);
-        if dst != self.mac && !dst.is_broadcast() {
+        // The gateway's MAC, broadcast, and IPv6 router/neighbour solicitation groups.
+        if !crate::engine::wants_frame(self.mac.0, dst) {
             return Ok(());
         }
         let mut seg = self.seg.lock().unwrap_or_else(|e| e.into_inner());

@@ -372,7 +372,7 @@ fn tcp_port_forward_reaches_a_guest_service() {
     let fwd = Forward {
         proto: ForwardProto::Tcp,
         host: (Ipv4Addr::LOCALHOST, hport).into(),
-        guest: SocketAddrV4::new(GUEST, 22),
+        guest: SocketAddrV4::new(GUEST, 22).into(),
     };
     let mut g = Guest::new(false, None, vec![fwd]);
     let h = g.tcp();
@@ -478,7 +478,7 @@ fn udp_port_forward_reaches_a_guest_service() {
     let fwd = Forward {
         proto: ForwardProto::Udp,
         host: (Ipv4Addr::LOCALHOST, hport).into(),
-        guest: SocketAddrV4::new(GUEST, 53),
+        guest: SocketAddrV4::new(GUEST, 53).into(),
     };
     let mut g = Guest::new(false, None, vec![fwd]);
     let s = udp::Socket::new(
