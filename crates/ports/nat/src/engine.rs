@@ -1326,8 +1326,8 @@ impl SmolEngine {
         };
         // Flows are keyed by what the guest sends: (its end, our end).
         let key = (
-            SocketAddr::new(Ipv4Addr::from(s.ips.1).into(), s.ports.1),
-            SocketAddr::new(Ipv4Addr::from(s.ips.0).into(), s.ports.0),
+            SocketAddr::new(s.ips.1, s.ports.1),
+            SocketAddr::new(s.ips.0, s.ports.0),
         );
         if let Some(f) = self.tcp_keys.get(&key).and_then(|id| self.tcp.get_mut(id)) {
             f.rescue.sent(now, &s);
@@ -1964,7 +1964,7 @@ mod tests {
         /// The guest's retransmission watchdogs, per (guest port, remote): the simulated guest
         /// is smoltcp 0.12 too and loses its retransmission timer in the same states as the
         /// gateway (see [`crate::rescue`]); a real guest's stack does not.
-        g_rescue: HashMap<(u16, [u8; 4], u16), Rescue>,
+        g_rescue: HashMap<(u16, IpAddr, u16), Rescue>,
         /// Drop exactly this data frame towards the guest (0-based), and no other.
         drop_nth_to_guest: Option<usize>,
         data_to_guest: usize,
@@ -2274,6 +2274,21 @@ mod tests {
         }
     }
 
+    /// The watchdog reads IPv6 segments too: the same single losses recover on an IPv6 flow,
+    /// and a lossy IPv6 bulk transfer completes both ways.
+    #[test]
+    fn tcp6_lost_frames_recover_like_ipv4() {
+        for n in (0..100).step_by(18) {
+            let r = bulk_both_ways_on(true, Loss::OneToGuest(n), TCP_BUFFER);
+            assert!(r.secs <= 3, "frame {n}: took {} s", r.secs);
+            assert!(r.rescues > 0, "frame {n}: recovered without the watchdog?");
+        }
+        for seed in 1..=2 {
+            let loss = Loss::Random { per_10k: 500, seed };
+            bulk_both_ways_on(true, loss, 16 * 1024);
+        }
+    }
+
     /// Simulated seconds a lossy bulk transfer may take at most.
     const BULK_DEADLINE: u64 = 30;
 
@@ -2299,10 +2314,18 @@ mod tests {
     }
 
     fn bulk_both_ways(loss: Loss, guest_buf: usize) -> Bulk {
-        let ctx = format!("{loss:?} buf {guest_buf}");
-        let mut sim = Sim::new(policy());
+        bulk_both_ways_on(false, loss, guest_buf)
+    }
+
+    fn bulk_both_ways_on(v6: bool, loss: Loss, guest_buf: usize) -> Bulk {
+        let ctx = format!("{loss:?} buf {guest_buf} v6 {v6}");
+        let mut sim = Sim::new(if v6 { policy6() } else { policy() });
         sim.guest_buf = guest_buf;
-        let (h, id) = established(&mut sim);
+        let (h, id) = if v6 {
+            established6(&mut sim)
+        } else {
+            established(&mut sim)
+        };
         match loss {
             Loss::None => {}
             Loss::Random { per_10k, seed } => {
