@@ -149,7 +149,7 @@ fn gateway_of(net: &NetworkConfig, subnet: Ipv4Net) -> Result<Ipv4Addr, NatError
 }
 
 /// The IPv6 side of a NAT network, or `None` with `ipv6 = false`.
-fn v6_of(net: &NetworkConfig) -> Result<Option<NatV6>, NatError> {
+pub fn v6_of(net: &NetworkConfig) -> Result<Option<NatV6>, NatError> {
     let spec = net.nat.clone().unwrap_or_default();
     if spec.ipv6 == Some(false) {
         return Ok(None);
