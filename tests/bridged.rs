@@ -293,6 +293,15 @@ fn guests_reach_a_lan_host_with_their_own_macs() {
     }
     let stats = lan.stats().unwrap();
     assert!(stats.contains("uplink:up0"), "{stats}");
+    // The uplink's socket-side counters: the LAN host's replies came in, the guests' went out.
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    let up = &v["networks"][0]["uplink"];
+    assert!(up["rx_frames"].as_u64().unwrap() >= 4, "{up}");
+    assert!(
+        up["tx_ring_frames"].as_u64().unwrap() + up["tx_sendmsg_frames"].as_u64().unwrap() >= 4,
+        "{up}"
+    );
+    assert_eq!(up["tx_errors"].as_u64(), Some(0), "{up}");
 }
 
 /// Two bridged networks on one NIC: untagged, and VLAN 100. The VLAN network's frames carry

@@ -326,3 +326,92 @@ mac = "52:54:00:00:02:0f"
     daemon.stop();
     client.join().unwrap();
 }
+
+/// A guest's flows close when the guest goes away: the VMM disconnects, the switch forgets the
+/// guest's MAC and tells the gateway, which closes the host side of its connections.
+#[test]
+fn guest_leaving_closes_its_flows_on_the_host() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let text = format!(
+        r#"
+control_socket = "{d}/ctl.sock"
+[[network]]
+name = "nat"
+mode = "nat"
+dhcp = {{ lease_file = "{d}/nat.leases" }}
+[network.nat]
+host_loopback = true
+dns = []
+[[network.port]]
+socket = "{d}/a.sock"
+mac = "52:54:00:00:02:0f"
+"#,
+        d = d.display()
+    );
+    let cfg = Config::from_toml(&text, std::path::Path::new("nat.toml")).unwrap();
+    let daemon = Daemon::start(cfg).unwrap();
+    let mut g = Guest::connect(d.join("a.sock"), GuestConfig::default()).unwrap();
+    let gw = gateway_mac(&mut g);
+
+    // The guest's handshake with the host server (through host_loopback at the gateway).
+    let tcp = |seq: u32, ack: Option<u32>| {
+        let b = PacketBuilder::ethernet2(MAC, gw)
+            .ipv4(ME, GW, 64)
+            .tcp(42000, port, seq, 64240);
+        let b = match ack {
+            Some(a) => b.ack(a),
+            None => b.syn(),
+        };
+        let mut f = Vec::new();
+        b.write(&mut f, &[]).unwrap();
+        f
+    };
+    g.send(0, &NetHdr::NONE, &tcp(1000, None)).unwrap();
+    let server_seq = wait(&mut g, Duration::from_secs(5), |f| {
+        let p = SlicedPacket::from_ethernet(f).ok()?;
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            return None;
+        };
+        (t.destination_port() == 42000 && t.syn() && t.ack()).then(|| t.sequence_number())
+    });
+    g.send(0, &NetHdr::NONE, &tcp(1001, Some(server_seq + 1)))
+        .unwrap();
+    let (mut conn, _) = server.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let nat = |daemon: &Daemon| daemon.stats().networks[0].nat.clone().unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while nat(&daemon)["tcp_flows"] != 1 {
+        assert!(Instant::now() < end, "{:?}", nat(&daemon));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The VMM goes away: the host side of the connection ends (EOF or reset), promptly.
+    drop(g);
+    let t0 = Instant::now();
+    let mut b = [0u8; 16];
+    loop {
+        match conn.read(&mut b) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "the host connection outlived its guest: {:?}",
+                    nat(&daemon)
+                );
+            }
+            r => panic!("unexpected {r:?}"),
+        }
+    }
+    let c = nat(&daemon);
+    assert_eq!((c["tcp_flows"], c["closed_gone"]), (0, 1), "{c:?}");
+    daemon.stop();
+}

@@ -486,19 +486,54 @@ fn nat_throughput_beside_slirp_and_passt() {
         lab.dir().join("tp.leases").display(),
         sock.display()
     );
-    let d = Daemon::start_toml(&lab, &toml);
-    let virtnet = iperf_guest(&lab, "virtnet", Net::Virtnet(&sock), "10.0.2.4");
-    drop(d);
-    let slirp = iperf_guest(&lab, "slirp", Net::Slirp, "10.0.2.2");
-    let passt_bps = passt_run(&lab);
+    // Rounds of virtnet, slirp, passt in turn (VIRTNET_NAT_ROUNDS, default 1): the figures are
+    // medians, and ratios within one run are what to compare.
+    let rounds: usize = std::env::var("VIRTNET_NAT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let (mut virtnet, mut slirp, mut passt) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let d = Daemon::start_toml(&lab, &toml);
+        virtnet.extend(iperf_guest(
+            &lab,
+            "virtnet",
+            Net::Virtnet(&sock),
+            "10.0.2.4",
+        ));
+        drop(d);
+        slirp.extend(iperf_guest(&lab, "slirp", Net::Slirp, "10.0.2.2"));
+        passt.extend(passt_run(&lab));
+        eprintln!(
+            "round {}/{rounds}: virtnet {:?} slirp {:?} passt {:?} (Mbit/s)",
+            round + 1,
+            virtnet.last().map(|b| (b / 1e6).round()),
+            slirp.last().map(|b| (b / 1e6).round()),
+            passt.last().map(|b| (b / 1e6).round())
+        );
+    }
     let _ = server.kill();
     let _ = server.wait();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let (virtnet, slirp, passt_bps) =
+        (median(&mut virtnet), median(&mut slirp), median(&mut passt));
     let show = |b: Option<f64>| b.map_or("n/a".to_string(), |b| format!("{:.0} Mbit/s", b / 1e6));
+    let ratio = |b: Option<f64>| match (virtnet, b) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+        _ => "n/a".into(),
+    };
     eprintln!(
-        "guest -> host iperf3 (TCG guest, 5 s): virtnet NAT {}, QEMU slirp {}, passt {}",
+        "guest -> host iperf3 (TCG guest, 5 s, median of {rounds}): virtnet NAT {}, QEMU slirp {}, \
+         passt {}; virtnet/slirp {}, virtnet/passt {}",
         show(virtnet),
         show(slirp),
-        show(passt_bps)
+        show(passt_bps),
+        ratio(slirp),
+        ratio(passt_bps)
     );
     assert!(
         virtnet.is_some_and(|b| b > 0.0),

@@ -54,6 +54,8 @@ pub const MAX_MTU: u32 = 65535;
 pub const DEFAULT_QUEUE_SIZE: u32 = 256;
 /// Largest virtqueue size accepted.
 pub const MAX_QUEUE_SIZE: u32 = 1024;
+/// Longest configurable busy-poll window (µs).
+pub const MAX_BUSY_POLL_US: u64 = 1000;
 /// Default number of queue pairs.
 pub const DEFAULT_QUEUE_PAIRS: u32 = 1;
 /// Largest number of queue pairs accepted.
@@ -251,6 +253,22 @@ pub enum Error {
         #[source]
         source: crate::mode_bridged::BridgedError,
     },
+    /// `socket_mode` is not an octal permission like "0660".
+    #[error("{key}: Invalid mode {value:?}: expected octal permissions like \"0660\"")]
+    BadSocketMode {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// `socket_group` names no group of this host.
+    #[error("{key}: No group {value:?} on this host")]
+    BadSocketGroup {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
     /// `log_level` is not a valid filter.
     #[error("{key}: Invalid log level {value:?}")]
     BadLogLevel {
@@ -297,9 +315,25 @@ pub struct Config {
     /// `RUST_LOG` overrides it.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Permissions of the vhost-user sockets, octal (`"0660"`: a VMM in `socket_group` may
+    /// connect). Default: as created (0755 under root's usual umask: only root connects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
+    /// Group of the vhost-user sockets, by name or number (e.g. `"kvm"`, `"libvirt-qemu"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
     /// The networks, `[[network]]` in the file.
     #[serde(default, rename = "network")]
     pub networks: Vec<NetworkConfig>,
+}
+
+/// Who may connect to the vhost-user sockets: `socket_mode` and `socket_group`, resolved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// Permission bits to set.
+    pub mode: Option<u32>,
+    /// Group id to set.
+    pub gid: Option<u32>,
 }
 
 /// One network: a switch in some mode, and its guest ports.
@@ -368,6 +402,11 @@ pub struct PortSpec {
     /// Access VLAN; none means the untagged default VLAN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vlan: Option<u32>,
+    /// Longest busy-poll of an idle TX queue before its worker sleeps on the guest's kick, in
+    /// microseconds (0: never poll; trades CPU for latency and frame rate under load).
+    /// Default: `VIRTNET_BUSY_POLL_US`, else 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_poll_us: Option<u32>,
 }
 
 impl PortSpec {
@@ -380,6 +419,7 @@ impl PortSpec {
             queue_pairs: DEFAULT_QUEUE_PAIRS,
             queue_size: DEFAULT_QUEUE_SIZE,
             vlan: None,
+            busy_poll_us: None,
         }
     }
 
@@ -451,6 +491,8 @@ impl Default for Config {
         Config {
             control_socket: default_control_socket(),
             log_level: default_log_level(),
+            socket_mode: None,
+            socket_group: None,
             networks: vec![net],
         }
     }
@@ -529,6 +571,39 @@ fn check_socket_path(key: &str, path: &Path) -> Result<()> {
 }
 
 impl Config {
+    /// `socket_mode` and `socket_group`, resolved (the group by name through the host's
+    /// group database).
+    pub fn socket_perms(&self) -> Result<SocketPerms> {
+        let mode = match &self.socket_mode {
+            None => None,
+            Some(v) => {
+                let digits = v.trim().trim_start_matches("0o");
+                let m = u32::from_str_radix(digits, 8)
+                    .ok()
+                    .filter(|&m| m <= 0o777 && !digits.is_empty());
+                Some(m.ok_or_else(|| Error::BadSocketMode {
+                    key: "socket_mode".into(),
+                    value: v.clone(),
+                })?)
+            }
+        };
+        let gid = match &self.socket_group {
+            None => None,
+            Some(g) => {
+                let gid = g
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+                    .or_else(|| crate::sys::group_id(g.trim()));
+                Some(gid.ok_or_else(|| Error::BadSocketGroup {
+                    key: "socket_group".into(),
+                    value: g.clone(),
+                })?)
+            }
+        };
+        Ok(SocketPerms { mode, gid })
+    }
+
     /// Parse TOML text; `origin` names the file in error messages. Does not validate.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Config> {
         toml::from_str(text).map_err(|e| {
@@ -567,6 +642,7 @@ impl Config {
             }
         })?;
         check_socket_path("control_socket", &self.control_socket)?;
+        self.socket_perms()?;
         let mut sockets: HashMap<&Path, String> = HashMap::new();
         sockets.insert(&self.control_socket, "control_socket".into());
         let mut names: HashMap<&str, String> = HashMap::new();
@@ -663,6 +739,14 @@ impl Config {
                         vlan.into(),
                         VLAN_RANGE.0.into(),
                         VLAN_RANGE.1.into(),
+                    )?;
+                }
+                if let Some(us) = port.busy_poll_us {
+                    range(
+                        format!("{pkey}.busy_poll_us"),
+                        us.into(),
+                        0,
+                        MAX_BUSY_POLL_US,
                     )?;
                 }
             }
@@ -1005,6 +1089,16 @@ mac = "52:54:00:00:00:01"
     }
 
     #[test]
+    fn busy_poll_in_range() {
+        let dir = TempDir::new().unwrap();
+        let c = check(&dir, &one_port("busy_poll_us = 0")).unwrap();
+        assert_eq!(c.networks[0].ports[1].busy_poll_us, Some(0));
+        let e = check(&dir, &one_port("busy_poll_us = 5000")).unwrap_err();
+        assert_matches!(&e, Error::OutOfRange { key, value: 5000, min: 0, max: 1000 }
+            if key == "network[0].port[1].busy_poll_us");
+    }
+
+    #[test]
     fn rejects_bad_ageing() {
         let dir = TempDir::new().unwrap();
         let e = check(
@@ -1074,6 +1168,28 @@ mac = "52:54:00:00:00:01"
             ..Config::default()
         };
         assert_matches!(cfg.validate(), Err(Error::SocketDirNotWritable { key, .. }) if key == "control_socket");
+    }
+
+    #[test]
+    fn socket_mode_and_group() {
+        let dir = TempDir::new().unwrap();
+        let c = check(&dir, "socket_mode = \"0660\"\nsocket_group = \"root\"\n").unwrap();
+        assert_eq!(
+            c.socket_perms().unwrap(),
+            SocketPerms {
+                mode: Some(0o660),
+                gid: Some(0)
+            }
+        );
+        let c = check(&dir, "socket_group = \"1234\"\n").unwrap();
+        assert_eq!(c.socket_perms().unwrap().gid, Some(1234));
+        for bad in ["\"0999\"", "\"rw\"", "\"01777\"", "\"\""] {
+            let e = check(&dir, &format!("socket_mode = {bad}\n")).unwrap_err();
+            assert_matches!(&e, Error::BadSocketMode { key, .. } if key == "socket_mode", "{bad}");
+        }
+        let e = check(&dir, "socket_group = \"no-such-group-here\"\n").unwrap_err();
+        assert_matches!(&e, Error::BadSocketGroup { key, .. } if key == "socket_group");
+        assert!(crate::error_line(&e).contains("no-such-group-here"));
     }
 
     #[test]

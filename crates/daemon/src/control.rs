@@ -83,6 +83,31 @@ pub struct NetworkStats {
     /// The network services (DHCP leases, counters), when the network runs them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<crate::mode_hostonly::ServicesReport>,
+    /// The NAT gateway's counters, on `nat` networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<Counters>,
+    /// The uplink's socket-side counters, on `bridged` networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<Counters>,
+}
+
+/// Named counters of a mode's own machinery (a gateway, an uplink).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Counters(pub std::collections::BTreeMap<String, u64>);
+
+impl Counters {
+    /// From (name, value) pairs.
+    pub fn from_pairs(pairs: &[(&str, u64)]) -> Self {
+        Counters(pairs.iter().map(|&(k, v)| (k.to_string(), v)).collect())
+    }
+}
+
+impl std::ops::Index<&str> for Counters {
+    type Output = u64;
+    fn index(&self, name: &str) -> &u64 {
+        &self.0[name]
+    }
 }
 
 /// One port in [`StatsReport`]. Directions are the switch's: `rx` is what the switch received
@@ -289,6 +314,8 @@ mod tests {
                 mode: "internal".into(),
                 ports: vec![port],
                 services: None,
+                nat: None,
+                uplink: None,
             }],
         }
     }

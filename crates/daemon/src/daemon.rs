@@ -51,6 +51,9 @@ pub enum DaemonError {
     /// A guest port could not start.
     #[error(transparent)]
     Port(#[from] PortError),
+    /// The configuration does not hold (e.g. `socket_group` names no group).
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
     /// The control socket could not start.
     #[error(transparent)]
     Control(#[from] control::ControlError),
@@ -117,6 +120,7 @@ pub struct Daemon {
 impl Daemon {
     /// Start everything in a validated `config`. On error, whatever was started is stopped.
     pub fn start(config: Config) -> Result<Daemon> {
+        let perms = config.socket_perms()?;
         let control = ControlServer::bind(&config.control_socket)?;
         tracing::info!("control socket {}", config.control_socket.display());
         let mut daemon = Daemon {
@@ -143,7 +147,7 @@ impl Daemon {
                 ports: Vec::new(),
             });
             for index in 0..net.ports.len() {
-                match GuestPort::listen(switch.clone(), net, index) {
+                match GuestPort::listen(switch.clone(), net, index, perms) {
                     Ok(p) => {
                         if let Some(n) = daemon.networks.last_mut() {
                             n.ports.push(p);
@@ -188,6 +192,8 @@ impl Daemon {
                     mode: n.mode.name().into(),
                     ports,
                     services: n.mode.services(),
+                    nat: n.mode.nat(),
+                    uplink: n.mode.uplink(),
                 }
             })
             .collect();
@@ -338,6 +344,35 @@ mod tests {
     }
 
     #[test]
+    fn sockets_get_the_configured_mode_and_group_and_busy_poll() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = TempDir::new().unwrap();
+        let mut c = config(&dir, "null", 1);
+        // Root may give the socket any group; others only one of their own.
+        let gid = if crate::sys::is_root() {
+            4321
+        } else {
+            std::fs::metadata(dir.path()).unwrap().gid()
+        };
+        c.socket_mode = Some("0660".into());
+        c.socket_group = Some(gid.to_string());
+        c.networks[0].ports[0].busy_poll_us = Some(7);
+        let d = Daemon::start(c).unwrap();
+        let m = std::fs::metadata(dir.path().join("p0.sock")).unwrap();
+        assert_eq!((m.permissions().mode() & 0o777, m.gid()), (0o660, gid));
+        let busy = d.networks[0].ports[0].busy_poll();
+        assert_eq!(
+            busy,
+            std::time::Duration::from_micros(7),
+            "busy_poll_us reaches the device"
+        );
+        d.stop();
+        let mut c = config(&dir, "null", 1);
+        c.socket_group = Some("no-such-group-here".into());
+        assert!(matches!(Daemon::start(c), Err(DaemonError::Config(_))));
+    }
+
+    #[test]
     fn nat_mode_starts_with_gateway_and_services() {
         let dir = TempDir::new().unwrap();
         let mut c = config(&dir, "nat", 1);
@@ -349,6 +384,9 @@ mod tests {
         let s = d.stats();
         assert_eq!(s.networks[0].mode, "nat");
         assert!(s.networks[0].ports.iter().any(|p| p.name == "t-gateway"));
+        let nat = s.networks[0].nat.as_ref().expect("NAT counters in stats");
+        assert_eq!(nat["tcp_flows"], 0);
+        assert!(nat.0.contains_key("closed_gone"), "{nat:?}");
         d.stop();
         assert!(!dir.path().join("ctl.sock").exists());
     }

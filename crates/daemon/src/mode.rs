@@ -77,6 +77,16 @@ pub trait NetMode: Send + Sync {
         None
     }
 
+    /// The NAT gateway's counters (flows, denials, drops), if the mode runs one.
+    fn nat(&self) -> Option<crate::control::Counters> {
+        None
+    }
+
+    /// The uplink's own counters (ring drops, VLAN filtering…), if the mode has one.
+    fn uplink(&self) -> Option<crate::control::Counters> {
+        None
+    }
+
     /// Periodic housekeeping from the control loop (FDB ageing, leases…).
     fn tick(&self) {
         self.switch().age();

@@ -26,6 +26,7 @@ use virtnet_port_afpacket::{AfPacketConfig, AfPacketPort, MAX_QUEUES};
 use virtnet_switch::Switch;
 
 use crate::config::NetworkConfig;
+use crate::control::Counters;
 use crate::mode::{ModeError, ModePort, NetMode};
 
 /// The mode's name in the config file.
@@ -174,6 +175,22 @@ impl NetMode for BridgedMode {
             id: self.uplink.port_id(),
             name,
         }]
+    }
+
+    fn uplink(&self) -> Option<Counters> {
+        let s = self.uplink.stats();
+        Some(Counters::from_pairs(&[
+            ("rx_frames", s.rx_frames),
+            ("rx_bytes", s.rx_bytes),
+            ("rx_vlan_filtered", s.rx_vlan_filtered),
+            ("rx_errors", s.rx_errors),
+            ("rx_ring_drops", s.rx_ring_drops),
+            ("tx_ring_frames", s.tx_ring_frames),
+            ("tx_sendmsg_frames", s.tx_sendmsg_frames),
+            ("tx_ring_full", s.tx_ring_full),
+            ("tx_errors", s.tx_errors),
+            ("tx_kicks", s.tx_kicks),
+        ]))
     }
 
     fn shutdown(self: Box<Self>) {

@@ -47,6 +47,7 @@ use virtnet_services::ServicesPort;
 use virtnet_switch::Switch;
 
 use crate::config::NetworkConfig;
+use crate::control::Counters;
 use crate::mode::{ModeError, ModePort, NetMode, INTERNAL};
 use crate::mode_hostonly::{self, ServicesReport};
 
@@ -148,7 +149,7 @@ fn gateway_of(net: &NetworkConfig, subnet: Ipv4Net) -> Result<Ipv4Addr, NatError
 }
 
 /// The IPv6 side of a NAT network, or `None` with `ipv6 = false`.
-fn v6_of(net: &NetworkConfig) -> Result<Option<NatV6>, NatError> {
+pub fn v6_of(net: &NetworkConfig) -> Result<Option<NatV6>, NatError> {
     let spec = net.nat.clone().unwrap_or_default();
     if spec.ipv6 == Some(false) {
         return Ok(None);
@@ -344,6 +345,24 @@ pub fn default_network(name: &str) -> NetworkConfig {
     }
 }
 
+/// The gateway's counters for `stats`: open `tcp_flows`/`udp_flows`/`icmp_flows`; `denied`
+/// (policy), `over_limit` (flows per guest), `dropped` (frames not parsed or not handled),
+/// `tcp_rescues` (stalled retransmissions restarted), `closed_gone` (flows closed because
+/// their guest left).
+pub fn nat_report(s: &virtnet_port_nat::NatStats) -> Counters {
+    let counters = [
+        ("tcp_flows", s.tcp_flows as u64),
+        ("udp_flows", s.udp_flows as u64),
+        ("icmp_flows", s.icmp_flows as u64),
+        ("denied", s.denied),
+        ("over_limit", s.over_limit),
+        ("dropped", s.dropped),
+        ("tcp_rescues", s.tcp_rescues),
+        ("closed_gone", s.closed_gone),
+    ];
+    Counters::from_pairs(&counters)
+}
+
 /// `nat`: a switch, the services and the NAT gateway.
 pub struct NatMode {
     switch: Arc<Switch>,
@@ -392,6 +411,10 @@ impl NetMode for NatMode {
 
     fn services(&self) -> Option<ServicesReport> {
         self.services.as_ref().map(mode_hostonly::services_report)
+    }
+
+    fn nat(&self) -> Option<Counters> {
+        Some(nat_report(&self.gateway.stats()))
     }
 
     fn shutdown(self: Box<Self>) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use virtnet_switch::{MacAddr, Switch};
 
-use crate::config::NetworkConfig;
+use crate::config::{NetworkConfig, SocketPerms};
 use crate::control::PortReport;
 
 use virtnet_virtio::{NetConfig, NetPort};
@@ -35,6 +35,29 @@ pub enum PortError {
         #[source]
         source: virtnet_virtio::Error,
     },
+    /// `socket_mode` / `socket_group` could not be applied.
+    #[error("Port {name}: cannot set the mode or group of {}", socket.display())]
+    Perms {
+        /// Port name.
+        name: String,
+        /// Its socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Give the socket its configured mode and group.
+fn set_perms(socket: &std::path::Path, perms: SocketPerms) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(gid) = perms.gid {
+        std::os::unix::fs::chown(socket, None, Some(gid))?;
+    }
+    if let Some(mode) = perms.mode {
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 /// Result of this module.
@@ -50,7 +73,12 @@ pub struct GuestPort {
 
 impl GuestPort {
     /// Start port `index` of `net` on `switch`: the device listens on its socket.
-    pub fn listen(switch: Arc<Switch>, net: &NetworkConfig, index: usize) -> Result<GuestPort> {
+    pub fn listen(
+        switch: Arc<Switch>,
+        net: &NetworkConfig,
+        index: usize,
+        perms: SocketPerms,
+    ) -> Result<GuestPort> {
         let spec = &net.ports[index];
         let name = net.port_name(index);
         let mac = spec.mac_addr();
@@ -75,6 +103,18 @@ impl GuestPort {
                 socket: spec.socket.clone(),
                 source: e,
             })?;
+        if let Some(us) = spec.busy_poll_us {
+            port.device()
+                .set_busy_poll(std::time::Duration::from_micros(us.into()));
+        }
+        if let Err(source) = set_perms(&spec.socket, perms) {
+            port.shutdown();
+            return Err(PortError::Perms {
+                name,
+                socket: spec.socket.clone(),
+                source,
+            });
+        }
         tracing::info!(
             "port {name}: listening on {} (switch port {})",
             spec.socket.display(),
@@ -86,6 +126,11 @@ impl GuestPort {
             socket: spec.socket.clone(),
             port,
         })
+    }
+
+    /// The device's busy-poll window.
+    pub fn busy_poll(&self) -> std::time::Duration {
+        self.port.device().busy_poll()
     }
 
     /// The port's name.

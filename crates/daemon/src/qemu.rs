@@ -53,10 +53,19 @@ fn network_hints(out: &mut String, net: &NetworkConfig) {
             .subnet
             .as_deref()
             .unwrap_or(crate::mode_nat::DEFAULT_NAT_SUBNET);
+        let v6 = match crate::mode_nat::v6_of(net) {
+            Ok(Some(v6)) => format!(
+                " and by SLAAC in {}/{} (gateway {})",
+                v6.prefix(),
+                v6.prefix_len,
+                v6.gateway
+            ),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "# network {} is NAT: guests get an address in {subnet} by DHCP; the gateway is \
-             the router and DNS server; nothing reaches in unless forwarded",
+            "# network {} is NAT: guests get an address in {subnet} by DHCP{v6}; the gateway \
+             is the router and DNS server; nothing reaches in unless forwarded",
             net.name
         );
     }
@@ -151,6 +160,10 @@ mod tests {
         assert_eq!(h.matches("-device virtio-net-pci").count(), 2);
         assert!(h.contains("# port default-1 (network default, nat):"));
         assert!(h.contains("# network default is NAT: guests get an address in 10.0.2.0/24"));
+        assert!(
+            h.contains("by SLAAC in fd00:10:0:2::/64 (gateway fd00:10:0:2::2)"),
+            "{h}"
+        );
         assert!(h.contains("vectors=0"));
         let empty = Config {
             networks: vec![],

@@ -1,4 +1,4 @@
-//! The few system calls the daemon makes itself: signal masks and `access(2)`.
+//! The few system calls the daemon makes itself: signal masks, `access(2)` and group lookup.
 //! All of the crate's `unsafe` lives here.
 
 use std::ffi::CString;
@@ -16,6 +16,36 @@ pub fn dir_writable(dir: &Path) -> bool {
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call; access() only reads it.
     let ret = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) };
     ret == 0
+}
+
+/// Is the effective user root?
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The id of group `name` (getgrnam_r: files, LDAP… whatever the host's NSS says).
+pub fn group_id(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    let mut grp = MaybeUninit::<libc::group>::uninit();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: `c` is NUL-terminated, `grp` and `found`
+    // are writable, `buf` is writable for `buf.len()` bytes; getgrnam_r writes only there.
+    let ret = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            grp.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if ret != 0 || found.is_null() {
+        return None;
+    }
+    // SAFETY: getgrnam_r succeeded and set `found` to `grp`, which it initialised.
+    Some(unsafe { grp.assume_init() }.gr_gid)
 }
 
 fn termination_set() -> io::Result<libc::sigset_t> {

@@ -135,9 +135,18 @@ impl Fdb {
     }
 
     /// Forget everything learned on `port` (the port went away or its link went down).
-    pub fn flush_port(&self, port: PortId) {
+    /// Returns the MACs it had learned (control path: allocates).
+    pub fn flush_port(&self, port: PortId) -> Vec<MacAddr> {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, e| e.port != port);
+        let mut gone = Vec::new();
+        map.retain(|&(_, mac), e| {
+            let keep = e.port != port;
+            if !keep {
+                gone.push(mac);
+            }
+            keep
+        });
+        gone
     }
 
     /// Remove entries older than the ageing time; returns how many were removed.

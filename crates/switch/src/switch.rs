@@ -34,6 +34,11 @@ pub trait PortSink: Send + Sync {
     /// for what was delivered. The switch holds at most one port "open" per batch, so a thread
     /// never waits for a second sink's lock while it keeps one. Default: nothing to do.
     fn release(&self) {}
+
+    /// Stations behind another port are gone (that port was removed, or its driver reset or
+    /// disconnected): `macs` is what it had learned. A gateway closes their flows. Called on
+    /// the control path, never per frame.
+    fn stations_gone(&self, _macs: &[MacAddr]) {}
 }
 
 /// How a port joins the switch.
@@ -230,7 +235,8 @@ impl Switch {
         }
         self.table.store(Arc::new(PortTable { ports }));
         self.generation.fetch_add(1, Ordering::Release);
-        self.fdb.flush_port(id);
+        drop(_w);
+        self.forget_stations(id);
         Some(entry.stats.snapshot())
     }
 
@@ -261,9 +267,21 @@ impl Switch {
         &self.fdb
     }
 
-    /// Forget what a port had learned (e.g. its driver reset or its link went down).
+    /// Forget what a port had learned (e.g. its driver reset or its link went down); the other
+    /// ports hear which stations are gone ([`PortSink::stations_gone`]).
     pub fn flush_port_fdb(&self, id: PortId) {
-        self.fdb.flush_port(id);
+        self.forget_stations(id);
+    }
+
+    fn forget_stations(&self, id: PortId) {
+        let gone = self.fdb.flush_port(id);
+        if gone.is_empty() {
+            return;
+        }
+        let t = self.table.load_full();
+        for p in t.ports.iter().flatten().filter(|p| p.id != id) {
+            p.sink.stations_gone(&gone);
+        }
     }
 
     /// Drop aged entries from the FDB; call now and then from the control plane.
@@ -512,6 +530,7 @@ mod tests {
         flushes: AtomicUsize,
         releases: AtomicUsize,
         fail: Option<DropReason>,
+        gone: Mutex<Vec<MacAddr>>,
         /// Shared event log: (port tag, 'd'eliver / 'f'lush / 'r'elease).
         log: Option<(u8, EventLog)>,
     }
@@ -544,6 +563,9 @@ mod tests {
         fn release(&self) {
             self.event('r');
             self.releases.fetch_add(1, Ordering::Relaxed);
+        }
+        fn stations_gone(&self, macs: &[MacAddr]) {
+            self.gone.lock().unwrap().extend_from_slice(macs);
         }
     }
 
@@ -709,6 +731,33 @@ mod tests {
         let r = Arc::new(Recorder::default());
         let id = sw.add_port(PortConfig::default(), r);
         assert_eq!(id, p[1].0);
+    }
+
+    #[test]
+    fn other_ports_hear_which_stations_left() {
+        let (sw, p) = setup(3);
+        send(&sw, p[1].0, &eth(mac(1), mac(2)));
+        send(&sw, p[1].0, &eth(mac(1), mac(3)));
+        send(&sw, p[0].0, &eth(mac(2), mac(1)));
+        // A link reset on p1: its two stations are gone, p0's is not.
+        sw.flush_port_fdb(p[1].0);
+        let mut g0 = p[0].1.gone.lock().unwrap().clone();
+        g0.sort_by_key(|m| m.0);
+        assert_eq!(g0, vec![MacAddr(mac(2)), MacAddr(mac(3))]);
+        let mut g2 = p[2].1.gone.lock().unwrap().clone();
+        g2.sort_by_key(|m| m.0);
+        assert_eq!(g2, g0);
+        assert!(
+            p[1].1.gone.lock().unwrap().is_empty(),
+            "not told about itself"
+        );
+        // Nothing learned: nobody hears anything.
+        sw.flush_port_fdb(p[1].0);
+        assert_eq!(p[0].1.gone.lock().unwrap().len(), 2);
+        // Removing p0 tells the rest about mac(1).
+        sw.remove_port(p[0].0);
+        assert_eq!(p[2].1.gone.lock().unwrap().len(), 3);
+        assert_eq!(p[2].1.gone.lock().unwrap()[2], MacAddr(mac(1)));
     }
 
     #[test]

@@ -293,9 +293,11 @@ impl NetDevice {
         self.rx.set_active_pairs(s.active_pairs);
     }
 
-    /// Device reset (or disconnect): stop touching the rings, forget the driver's settings.
+    /// Device reset (or disconnect): stop touching the rings, forget the driver's settings
+    /// and the stations learned behind this port (a NAT gateway then closes their flows).
     pub(crate) fn reset(&self) {
         self.rx.detach_all();
+        self.switch.flush_port_fdb(self.port);
         self.driver_ok.store(false, Ordering::Relaxed);
         self.acked.store(0, Ordering::Relaxed);
         let mut ctrl = self.ctrl_state();

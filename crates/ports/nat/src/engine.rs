@@ -478,6 +478,8 @@ pub struct NatStats {
     /// TCP loss rescues: stalled retransmissions restarted by the engine (see
     /// `tcp_bulk_both_ways_over_loss`; smoltcp 0.12 can lose its retransmission timer).
     pub tcp_rescues: u64,
+    /// Flows closed because their guest left (port removed, driver reset).
+    pub closed_gone: u64,
 }
 
 /// A translation engine: the gateway's L2-to-L4 logic, replaceable (e.g. by a passt-style
@@ -493,6 +495,9 @@ pub trait Engine: Send {
     fn poll_at(&mut self, now: Duration) -> Option<Duration>;
     /// Close every flow (the port is going away): resets to the guests, closes on the host.
     fn close_all(&mut self, out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>);
+    /// The station `mac` left the network (its port was removed, or its driver reset): close
+    /// the flows of the guest addresses last seen from it.
+    fn close_guest(&mut self, mac: [u8; 6], out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>);
     /// Counters.
     fn stats(&self) -> NatStats;
 }
@@ -502,37 +507,89 @@ pub trait Engine: Send {
 struct Link {
     rx: VecDeque<Vec<u8>>,
     tx: VecDeque<Vec<u8>>,
+    /// Buffers of consumed `rx` frames, for the next ones (no allocation per frame when warm).
+    rx_free: Vec<Vec<u8>>,
+    /// Buffers of sent `tx` frames.
+    tx_free: Vec<Vec<u8>>,
 }
 
-struct RxTok(Vec<u8>);
-struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>);
+/// Free buffers a link keeps per direction.
+const LINK_FREE_MAX: usize = 256;
 
-impl smoltcp::phy::RxToken for RxTok {
+fn recycle(free: &mut Vec<Vec<u8>>, b: Vec<u8>) {
+    if free.len() < LINK_FREE_MAX {
+        free.push(b);
+    }
+}
+
+impl Link {
+    /// Queue a copy of `frame` for the stack.
+    fn push_rx(&mut self, frame: &[u8]) {
+        let mut b = self.rx_free.pop().unwrap_or_default();
+        b.clear();
+        b.extend_from_slice(frame);
+        self.rx.push_back(b);
+    }
+
+    /// A frame from `tx` was sent: keep its buffer.
+    fn sent(&mut self, b: Vec<u8>) {
+        recycle(&mut self.tx_free, b);
+    }
+}
+
+struct RxTok<'a> {
+    buf: Vec<u8>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+struct TxTok<'a> {
+    tx: &'a mut VecDeque<Vec<u8>>,
+    free: &'a mut Vec<Vec<u8>>,
+}
+
+impl smoltcp::phy::RxToken for RxTok<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let RxTok { buf, free } = self;
+        let r = f(&buf);
+        recycle(free, buf);
+        r
     }
 }
 
 impl smoltcp::phy::TxToken for TxTok<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
+        let mut buf = self.free.pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(len, 0);
         let r = f(&mut buf);
-        self.0.push_back(buf);
+        self.tx.push_back(buf);
         r
     }
 }
 
 impl Device for Link {
-    type RxToken<'a> = RxTok;
+    type RxToken<'a> = RxTok<'a>;
     type TxToken<'a> = TxTok<'a>;
 
-    fn receive(&mut self, _t: SInstant) -> Option<(RxTok, TxTok<'_>)> {
-        let f = self.rx.pop_front()?;
-        Some((RxTok(f), TxTok(&mut self.tx)))
+    fn receive(&mut self, _t: SInstant) -> Option<(RxTok<'_>, TxTok<'_>)> {
+        let buf = self.rx.pop_front()?;
+        Some((
+            RxTok {
+                buf,
+                free: &mut self.rx_free,
+            },
+            TxTok {
+                tx: &mut self.tx,
+                free: &mut self.tx_free,
+            },
+        ))
     }
 
     fn transmit(&mut self, _t: SInstant) -> Option<TxTok<'_>> {
-        Some(TxTok(&mut self.tx))
+        Some(TxTok {
+            tx: &mut self.tx,
+            free: &mut self.tx_free,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -865,9 +922,83 @@ impl SmolEngine {
         }
     }
 
+    /// The guest address of a TCP flow (outbound flows are keyed guest first).
+    fn tcp_guest(id: FlowId, f: &TcpFlow) -> IpAddr {
+        if id >= DRIVER_IDS {
+            f.key.1.ip()
+        } else {
+            f.key.0.ip()
+        }
+    }
+
+    /// The guest address of a UDP flow.
+    fn udp_guest(f: &UdpFlow) -> IpAddr {
+        if f.inbound {
+            f.key.1.ip()
+        } else {
+            f.key.0.ip()
+        }
+    }
+
+    /// Close the flows of station `mac`: those it owns, and those to an address last seen
+    /// from it (port forwards opened before the guest was seen); returns how many.
+    fn close_flows_of(&mut self, mac: [u8; 6]) -> usize {
+        let neigh = &self.neigh;
+        let its = |owner: [u8; 6], ip: IpAddr| owner == mac || neigh.get(&ip) == Some(&mac);
+        let tcp: Vec<FlowId> = self
+            .tcp
+            .iter()
+            .filter(|&(&id, f)| its(f.owner, Self::tcp_guest(id, f)))
+            .map(|(&id, _)| id)
+            .collect();
+        let udp: Vec<FlowId> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| its(f.owner, Self::udp_guest(f)))
+            .map(|(&id, _)| id)
+            .collect();
+        let echo: Vec<FlowId> = self
+            .echo
+            .iter()
+            .filter(|(_, f)| its(f.owner, f.guest))
+            .map(|(&id, _)| id)
+            .collect();
+        self.neigh.retain(|_, m| *m != mac);
+        for &id in &tcp {
+            if let Some(h) = self.tcp.get(&id).and_then(|f| f.handle) {
+                self.sockets.get_mut::<tcp::Socket>(h).abort();
+            }
+        }
+        if !tcp.is_empty() {
+            // The resets go out (a guest that only reset its driver hears them).
+            self.iface
+                .poll(sinstant(self.now), &mut self.link, &mut self.sockets);
+        }
+        for &id in &tcp {
+            self.remove_tcp(id);
+            self.pending_cmds
+                .push(HostCmd::TcpClose { id, reset: true });
+        }
+        for &id in &udp {
+            if let Some(f) = self.udp.remove(&id) {
+                self.udp_keys.remove(&f.key);
+                self.release(f.owner);
+                self.pending_cmds.push(HostCmd::UdpClose { id });
+            }
+        }
+        for &id in &echo {
+            if let Some(f) = self.echo.remove(&id) {
+                self.echo_keys.remove(&(f.guest, f.dst, f.ident));
+                self.release(f.owner);
+                self.pending_cmds.push(HostCmd::EchoClose { id });
+            }
+        }
+        tcp.len() + udp.len() + echo.len()
+    }
+
     fn feed_stack(&mut self, frame: &[u8]) {
         if self.link.rx.len() < RX_QUEUE {
-            self.link.rx.push_back(frame.to_vec());
+            self.link.push_rx(frame);
         } else {
             self.stats.dropped += 1;
         }
@@ -1195,8 +1326,8 @@ impl SmolEngine {
         };
         // Flows are keyed by what the guest sends: (its end, our end).
         let key = (
-            SocketAddr::new(Ipv4Addr::from(s.ips.1).into(), s.ports.1),
-            SocketAddr::new(Ipv4Addr::from(s.ips.0).into(), s.ports.0),
+            SocketAddr::new(s.ips.1, s.ports.1),
+            SocketAddr::new(s.ips.0, s.ports.0),
         );
         if let Some(f) = self.tcp_keys.get(&key).and_then(|id| self.tcp.get_mut(id)) {
             f.rescue.sent(now, &s);
@@ -1514,6 +1645,7 @@ impl Engine for SmolEngine {
                     self.stats.dropped += 1;
                     return;
                 }
+
                 let l4 = &ip[ihl..total];
                 self.learn(IpAddr::V4(src), src_mac);
                 let (s, d) = (IpAddr::V4(src), IpAddr::V4(dst));
@@ -1721,6 +1853,7 @@ impl Engine for SmolEngine {
         while let Some(f) = self.link.tx.pop_front() {
             self.track_sent(now, &f);
             out(&f);
+            self.link.sent(f);
         }
         while let Some(f) = self.frames.pop_front() {
             out(&f);
@@ -1782,6 +1915,17 @@ impl Engine for SmolEngine {
         self.per_guest.clear();
         while let Some(f) = self.link.tx.pop_front() {
             out(&f);
+            self.link.sent(f);
+        }
+        cmds.append(&mut self.pending_cmds);
+    }
+
+    fn close_guest(&mut self, mac: [u8; 6], out: &mut dyn FnMut(&[u8]), cmds: &mut Vec<HostCmd>) {
+        let n = self.close_flows_of(mac);
+        self.stats.closed_gone += n as u64;
+        while let Some(f) = self.link.tx.pop_front() {
+            out(&f);
+            self.link.sent(f);
         }
         cmds.append(&mut self.pending_cmds);
     }
@@ -1820,7 +1964,7 @@ mod tests {
         /// The guest's retransmission watchdogs, per (guest port, remote): the simulated guest
         /// is smoltcp 0.12 too and loses its retransmission timer in the same states as the
         /// gateway (see [`crate::rescue`]); a real guest's stack does not.
-        g_rescue: HashMap<(u16, [u8; 4], u16), Rescue>,
+        g_rescue: HashMap<(u16, IpAddr, u16), Rescue>,
         /// Drop exactly this data frame towards the guest (0-based), and no other.
         drop_nth_to_guest: Option<usize>,
         data_to_guest: usize,
@@ -2130,6 +2274,21 @@ mod tests {
         }
     }
 
+    /// The watchdog reads IPv6 segments too: the same single losses recover on an IPv6 flow,
+    /// and a lossy IPv6 bulk transfer completes both ways.
+    #[test]
+    fn tcp6_lost_frames_recover_like_ipv4() {
+        for n in (0..100).step_by(18) {
+            let r = bulk_both_ways_on(true, Loss::OneToGuest(n), TCP_BUFFER);
+            assert!(r.secs <= 3, "frame {n}: took {} s", r.secs);
+            assert!(r.rescues > 0, "frame {n}: recovered without the watchdog?");
+        }
+        for seed in 1..=2 {
+            let loss = Loss::Random { per_10k: 500, seed };
+            bulk_both_ways_on(true, loss, 16 * 1024);
+        }
+    }
+
     /// Simulated seconds a lossy bulk transfer may take at most.
     const BULK_DEADLINE: u64 = 30;
 
@@ -2155,10 +2314,18 @@ mod tests {
     }
 
     fn bulk_both_ways(loss: Loss, guest_buf: usize) -> Bulk {
-        let ctx = format!("{loss:?} buf {guest_buf}");
-        let mut sim = Sim::new(policy());
+        bulk_both_ways_on(false, loss, guest_buf)
+    }
+
+    fn bulk_both_ways_on(v6: bool, loss: Loss, guest_buf: usize) -> Bulk {
+        let ctx = format!("{loss:?} buf {guest_buf} v6 {v6}");
+        let mut sim = Sim::new(if v6 { policy6() } else { policy() });
         sim.guest_buf = guest_buf;
-        let (h, id) = established(&mut sim);
+        let (h, id) = if v6 {
+            established6(&mut sim)
+        } else {
+            established(&mut sim)
+        };
         match loss {
             Loss::None => {}
             Loss::Random { per_10k, seed } => {
@@ -2490,6 +2657,66 @@ mod tests {
         sim.g
             .poll(sinstant(sim.now), &mut sim.link, &mut sim.sockets);
         assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+    }
+
+    #[test]
+    fn close_guest_closes_only_that_stations_flows() {
+        let mut sim = Sim::new(policy());
+        let (h, id) = established(&mut sim);
+        sim.eng.guest_frame(sim.now, &guest_udp(OUT, 1, 7, b"a"));
+        // Another guest (other MAC, other address) with a UDP flow of its own.
+        let other_mac = [0x02, 0, 0, 0, 0, 16];
+        let mut other = guest_udp(OUT, 1, 7, b"b");
+        other[6..12].copy_from_slice(&other_mac);
+        other[14 + 15] = 16;
+        let mut l3 = other[14..34].to_vec();
+        l3[10..12].copy_from_slice(&[0, 0]);
+        other[24..26].copy_from_slice(&checksum(&[&l3]).to_be_bytes());
+        sim.eng.guest_frame(sim.now, &other);
+        sim.step();
+        let udp: Vec<FlowId> = sim
+            .take()
+            .iter()
+            .filter_map(|c| match c {
+                HostCmd::UdpSend { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(udp.len(), 2, "one flow per guest");
+        // An unknown station: nothing happens.
+        let (mut out, mut cmds) = (Vec::new(), Vec::new());
+        sim.eng.close_guest(
+            [2, 9, 9, 9, 9, 9],
+            &mut |f: &[u8]| out.push(f.to_vec()),
+            &mut cmds,
+        );
+        assert!(cmds.is_empty() && out.is_empty());
+        // The first guest leaves: its TCP and UDP flows close, the other guest's stays.
+        sim.eng
+            .close_guest(G_MAC, &mut |f: &[u8]| out.push(f.to_vec()), &mut cmds);
+        assert!(
+            cmds.contains(&HostCmd::TcpClose { id, reset: true }),
+            "{cmds:?}"
+        );
+        assert!(cmds.contains(&HostCmd::UdpClose { id: udp[0] }), "{cmds:?}");
+        assert_eq!(cmds.len(), 2, "{cmds:?}");
+        let st = sim.eng.stats();
+        assert_eq!(
+            (st.closed_gone, st.udp_flows),
+            (2, 2),
+            "udp_flows updates on poll"
+        );
+        // A guest that only reset its driver hears the reset.
+        for f in out {
+            sim.link.rx.push_back(f);
+        }
+        sim.g
+            .poll(sinstant(sim.now), &mut sim.link, &mut sim.sockets);
+        assert_eq!(sim.sock(h).state(), tcp::State::Closed);
+        sim.step();
+        let st = sim.eng.stats();
+        assert_eq!((st.tcp_flows, st.udp_flows), (0, 1));
+        assert!(sim.take().is_empty());
     }
 
     #[test]

@@ -19,7 +19,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use crate::engine::{Engine, FlowId, HostCmd, HostEvent, CHUNK, DRIVER_IDS};
+use crate::engine::{Engine, FlowId, HostCmd, HostEvent, NatStats, CHUNK, DRIVER_IDS};
+use crate::pool::FramePool;
 
 /// How long a host TCP connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,10 +92,50 @@ impl Forward {
 pub struct Inbox {
     /// The frames.
     pub frames: Mutex<VecDeque<Vec<u8>>>,
+    /// Their buffers, recycled (no allocation per frame once warm).
+    pub pool: FramePool,
+    /// Stations that left the network: their flows are closed.
+    pub gone: Mutex<Vec<[u8; 6]>>,
     /// Wakes the driver.
     pub notify: Notify,
     /// Set to stop the driver (then notify).
     pub stop: AtomicBool,
+}
+
+/// Frames for the guests, in buffers kept from one batch to the next.
+#[derive(Default)]
+pub struct OutFrames {
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl OutFrames {
+    /// Append a copy of `f` (reuses an old buffer's capacity).
+    pub fn push(&mut self, f: &[u8]) {
+        if self.len == self.bufs.len() {
+            self.bufs.push(Vec::with_capacity(f.len().max(1514)));
+        }
+        let b = &mut self.bufs[self.len];
+        b.clear();
+        b.extend_from_slice(f);
+        self.len += 1;
+    }
+
+    /// The frames.
+    pub fn as_slice(&self) -> &[Vec<u8>] {
+        &self.bufs[..self.len]
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget the frames, keep the buffers (at most 1024 of them).
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.bufs.truncate(1024);
+    }
 }
 
 /// Where the driver's frames for the guests go (the switch, in a port).
@@ -269,6 +310,10 @@ pub struct Driver {
     listeners: Vec<JoinHandle<()>>,
     closing: Vec<JoinHandle<()>>,
     echo_warned: bool,
+    /// Guest frames being handled (swapped with the inbox's queue).
+    batch: VecDeque<Vec<u8>>,
+    cmds: Vec<HostCmd>,
+    stats: Arc<Mutex<NatStats>>,
 }
 
 impl Driver {
@@ -287,7 +332,15 @@ impl Driver {
             listeners: Vec::new(),
             closing: Vec::new(),
             echo_warned: false,
+            batch: VecDeque::new(),
+            cmds: Vec::new(),
+            stats: Arc::default(),
         }
+    }
+
+    /// The engine's counters, updated after every step of [`Driver::run`].
+    pub fn stats_handle(&self) -> Arc<Mutex<NatStats>> {
+        self.stats.clone()
     }
 
     /// Bind the forwards' host sockets (call inside the runtime, before [`Driver::run`]).
@@ -554,31 +607,45 @@ impl Driver {
         }
     }
 
-    fn step(&mut self, inbox: &Inbox, out: &mut dyn FrameOut, frames: &mut Vec<Vec<u8>>) {
+    fn step(&mut self, inbox: &Inbox, out: &mut dyn FrameOut, frames: &mut OutFrames) {
         let now = self.now();
-        let batch = std::mem::take(&mut *inbox.frames.lock().unwrap_or_else(|e| e.into_inner()));
-        for f in &batch {
-            self.engine.guest_frame(now, f);
+        std::mem::swap(
+            &mut *inbox.frames.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut self.batch,
+        );
+        for f in self.batch.drain(..) {
+            self.engine.guest_frame(now, &f);
+            inbox.pool.give(f);
+        }
+        let gone = std::mem::take(&mut *inbox.gone.lock().unwrap_or_else(|e| e.into_inner()));
+        for mac in gone {
+            self.engine
+                .close_guest(mac, &mut |f: &[u8]| frames.push(f), &mut self.cmds);
         }
         while let Ok(m) = self.rx.try_recv() {
             self.handle(m);
         }
-        let mut cmds = Vec::new();
         self.engine
-            .poll(now, &mut |f: &[u8]| frames.push(f.to_vec()), &mut cmds);
+            .poll(now, &mut |f: &[u8]| frames.push(f), &mut self.cmds);
         if !frames.is_empty() {
-            out.send(frames);
+            out.send(frames.as_slice());
             frames.clear();
         }
-        for c in cmds {
+        let mut cmds = std::mem::take(&mut self.cmds);
+        for c in cmds.drain(..) {
             self.exec(c);
         }
+        self.cmds = cmds;
         self.closing.retain(|t| !t.is_finished());
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone_from(&self.engine.stats());
     }
 
     /// Run until `inbox.stop` is set; then close every flow.
     pub async fn run(mut self, inbox: Arc<Inbox>, mut out: Box<dyn FrameOut>) {
-        let mut frames = Vec::new();
+        let mut frames = OutFrames::default();
         loop {
             self.step(&inbox, out.as_mut(), &mut frames);
             if inbox.stop.load(Ordering::Acquire) {
@@ -609,8 +676,8 @@ impl Driver {
         }
         let mut cmds = Vec::new();
         self.engine
-            .close_all(&mut |f: &[u8]| frames.push(f.to_vec()), &mut cmds);
-        out.send(&frames);
+            .close_all(&mut |f: &[u8]| frames.push(f), &mut cmds);
+        out.send(frames.as_slice());
         for c in cmds {
             self.exec(c);
         }

@@ -23,14 +23,18 @@
 //! answers at the gateway's IPv6 address too. Per-guest flow limits count by guest MAC,
 //! IPv4 and IPv6 flows together (a guest chooses its IPv6 addresses freely).
 //!
-//! Limits of this version: frames are copied into owned buffers between the switch and the
-//! engine (a few allocations per frame; a buffer pool is the next step); the engine runs on
-//! one thread per network; smoltcp 0.12 can lose its retransmission timer (CLOSE-WAIT,
-//! CLOSING, FIN-WAIT-1 → CLOSING) and does not count duplicate ACKs that carry data, so a
-//! per-flow watchdog (`rescue`) restarts stalled retransmissions with a burst of duplicate
-//! ACKs (drop it when smoltcp is fixed) — for IPv4 flows only so far: IPv6 TCP flows rely
-//! on smoltcp's own timers. IPv6 extension headers and fragments from guests are dropped;
-//! no ICMPv6 errors (packet too big, unreachable) are relayed from the host.
+//! A guest's flows close when its station leaves the switch (port removed, driver reset or
+//! VMM disconnect: [`Engine::close_guest`]).
+//!
+//! Limits of this version: frames are copied once from the switch into recycled buffers
+//! ([`pool`]) and the stack's own frames reuse theirs (no allocation per frame once warm;
+//! TCP payload moves to the host side in chunks of up to 64 KiB, one allocation per chunk;
+//! UDP and ICMP payloads allocate per datagram); the engine runs on one thread per network;
+//! smoltcp 0.12 can lose its retransmission timer (CLOSE-WAIT, CLOSING, FIN-WAIT-1 →
+//! CLOSING) and does not count duplicate ACKs that carry data, so a per-flow watchdog
+//! (`rescue`, IPv4 and IPv6) restarts stalled retransmissions with a burst of duplicate ACKs
+//! (drop it when smoltcp is fixed). IPv6 extension headers and fragments from guests are
+//! dropped; no ICMPv6 errors (packet too big, unreachable) are relayed from the host.
 //!
 //! Module map:
 //! - [`engine`]: the [`Engine`] trait and [`SmolEngine`], its smoltcp implementation (no I/O,
@@ -43,6 +47,7 @@
 
 pub mod engine;
 pub mod host;
+pub mod pool;
 pub mod port;
 mod rescue;
 

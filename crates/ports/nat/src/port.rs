@@ -12,7 +12,7 @@ use virtnet_switch::{
     Switch,
 };
 
-use crate::engine::{EngineError, NatPolicy, SmolEngine, RX_QUEUE};
+use crate::engine::{EngineError, NatPolicy, NatStats, SmolEngine, RX_QUEUE};
 use crate::host::{Driver, Forward, FrameOut, Inbox};
 
 /// Errors of starting the gateway.
@@ -55,8 +55,8 @@ impl PortSink for NatSink {
         if frame.read_at(0, &mut dst) < 6 {
             return Err(DropReason::FrameTooShort);
         }
-        let dst = MacAddr(dst);
-        if dst != self.mac && !dst.is_broadcast() {
+        // The gateway's MAC, broadcast, and IPv6 router/neighbour solicitation groups.
+        if !crate::engine::wants_frame(self.mac.0, dst) {
             return Ok(());
         }
         let mut seg = self.seg.lock().unwrap_or_else(|e| e.into_inner());
@@ -70,7 +70,7 @@ impl PortSink for NatSink {
                 if q.len() >= RX_QUEUE {
                     return Err(DropReason::NoRxBuffers);
                 }
-                let mut v = vec![0u8; f.len()];
+                let mut v = inbox.pool.take(f.len());
                 f.read_at(0, &mut v);
                 q.push_back(v);
                 Ok(())
@@ -87,6 +87,13 @@ impl PortSink for NatSink {
                 Err(e)
             }
         }
+    }
+
+    fn stations_gone(&self, macs: &[MacAddr]) {
+        let mut gone = self.inbox.gone.lock().unwrap_or_else(|e| e.into_inner());
+        gone.extend(macs.iter().map(|m| m.0));
+        drop(gone);
+        self.inbox.notify.notify_one();
     }
 }
 
@@ -113,6 +120,8 @@ pub struct NatPort {
     port: PortId,
     mac: MacAddr,
     inbox: Arc<Inbox>,
+    sink: Arc<NatSink>,
+    stats: Arc<Mutex<NatStats>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -136,13 +145,14 @@ impl NatPort {
             .build()
             .map_err(NatError::Io)?;
         let mut driver = Driver::new(Box::new(engine), config.forwards.clone());
+        let stats = driver.stats_handle();
         rt.block_on(driver.bind()).map_err(NatError::Io)?;
         let port = switch.add_port(
             PortConfig {
                 name: config.name.clone(),
                 vlan: config.vlan,
             },
-            sink,
+            sink.clone(),
         );
         let out = Box::new(SwitchOut {
             switch: switch.clone(),
@@ -164,6 +174,8 @@ impl NatPort {
             port,
             mac,
             inbox,
+            sink,
+            stats,
             thread: Some(thread),
         })
     }
@@ -176,6 +188,14 @@ impl NatPort {
     /// The gateway's MAC.
     pub fn mac(&self) -> MacAddr {
         self.mac
+    }
+
+    /// The engine's counters (as of the driver's last step), with the frames the gateway
+    /// dropped before the engine saw them (queue full, unsegmentable) added to `dropped`.
+    pub fn stats(&self) -> NatStats {
+        let mut s = *self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.dropped += self.sink.dropped.load(Ordering::Relaxed);
+        s
     }
 
     /// Close every flow, leave the switch and stop the thread.

@@ -24,6 +24,7 @@
 //! oldest unacknowledged byte. A healthy connection never gets there: its own RTO fires
 //! first.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 /// Outstanding data with no ACK progress for this long gets a rescue.
@@ -40,13 +41,13 @@ const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 
-/// The fields of an Ethernet/IPv4/TCP frame the watchdog needs.
+/// The fields of an Ethernet/IPv4-or-IPv6/TCP frame the watchdog needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Seg {
     /// Ethernet destination and source.
     pub macs: ([u8; 6], [u8; 6]),
-    /// IPv4 source and destination.
-    pub ips: ([u8; 4], [u8; 4]),
+    /// IP source and destination (both IPv4 or both IPv6).
+    pub ips: (IpAddr, IpAddr),
     /// TCP source and destination ports.
     pub ports: (u16, u16),
     /// Sequence number.
@@ -61,20 +62,53 @@ pub(crate) struct Seg {
     pub len: u32,
 }
 
-/// Parse an Ethernet/IPv4/TCP frame; `None` for anything else or anything malformed.
-pub(crate) fn parse(f: &[u8]) -> Option<Seg> {
-    let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
-    let be32 = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    if f.len() < ETH_HDR + 20 || be16(f, 12) != 0x0800 {
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// The TCP segment and the addresses of an IPv4 packet.
+fn tcp_in_ipv4(ip: &[u8]) -> Option<(&[u8], (IpAddr, IpAddr))> {
+    if ip.len() < 20 {
         return None;
     }
-    let ip = &f[ETH_HDR..];
     let ihl = usize::from(ip[0] & 0xf) * 4;
     let total = usize::from(be16(ip, 2));
     if ip[0] >> 4 != 4 || ip[9] != 6 || ihl < 20 || total < ihl + 20 || total > ip.len() {
         return None;
     }
-    let t = &ip[ihl..total];
+    let a = |at: usize| IpAddr::from([ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]);
+    Some((&ip[ihl..total], (a(12), a(16))))
+}
+
+/// The TCP segment and the addresses of an IPv6 packet (TCP as the first next header).
+fn tcp_in_ipv6(ip: &[u8]) -> Option<(&[u8], (IpAddr, IpAddr))> {
+    if ip.len() < 40 + 20 || ip[0] >> 4 != 6 || ip[6] != 6 {
+        return None;
+    }
+    let end = 40 + usize::from(be16(ip, 4));
+    if end < 60 || end > ip.len() {
+        return None;
+    }
+    let a = |at: usize| {
+        let mut o = [0u8; 16];
+        o.copy_from_slice(&ip[at..at + 16]);
+        IpAddr::from(o)
+    };
+    Some((&ip[40..end], (a(8), a(24))))
+}
+
+/// Parse an Ethernet/IPv4/TCP or Ethernet/IPv6/TCP frame; `None` for anything else or
+/// anything malformed.
+pub(crate) fn parse(f: &[u8]) -> Option<Seg> {
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    if f.len() < ETH_HDR + 20 {
+        return None;
+    }
+    let (t, ips) = match be16(f, 12) {
+        0x0800 => tcp_in_ipv4(&f[ETH_HDR..])?,
+        0x86dd => tcp_in_ipv6(&f[ETH_HDR..])?,
+        _ => return None,
+    };
     let doff = usize::from(t[12] >> 4) * 4;
     if doff < 20 || doff > t.len() {
         return None;
@@ -84,9 +118,6 @@ pub(crate) fn parse(f: &[u8]) -> Option<Seg> {
     let mut mac = ([0u8; 6], [0u8; 6]);
     mac.0.copy_from_slice(&f[0..6]);
     mac.1.copy_from_slice(&f[6..12]);
-    let mut ips = ([0u8; 4], [0u8; 4]);
-    ips.0.copy_from_slice(&ip[12..16]);
-    ips.1.copy_from_slice(&ip[16..20]);
     Some(Seg {
         macs: mac,
         ips,
@@ -198,30 +229,48 @@ fn ack_frame(p: &Seg, seq: u32, ack: u32) -> Vec<u8> {
     tcp[12] = 5 << 4;
     tcp[13] = ACK;
     tcp[14..16].copy_from_slice(&p.win.to_be_bytes());
-    let pseudo = [
-        &p.ips.0[..],
-        &p.ips.1[..],
-        &[0, 6],
-        &20u16.to_be_bytes()[..],
-    ]
-    .concat();
-    let c = checksum(&[&pseudo, &tcp]);
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[6] = 0x40;
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&p.ips.0);
-    ip[16..20].copy_from_slice(&p.ips.1);
-    let c = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::with_capacity(ETH_HDR + 40);
+    let mut f = Vec::with_capacity(ETH_HDR + 60);
     f.extend_from_slice(&p.macs.0);
     f.extend_from_slice(&p.macs.1);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&ip);
+    match p.ips {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let (src, dst) = (src.octets(), dst.octets());
+            let pseudo = [&src[..], &dst[..], &20u32.to_be_bytes(), &[0, 0, 0, 6]].concat();
+            let c = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&c.to_be_bytes());
+            let mut ip = [0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+            ip[6] = 6;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&src);
+            ip[24..40].copy_from_slice(&dst);
+            f.extend_from_slice(&0x86ddu16.to_be_bytes());
+            f.extend_from_slice(&ip);
+        }
+        (src, dst) => {
+            let v4 = |a: IpAddr| match a {
+                IpAddr::V4(a) => a.octets(),
+                IpAddr::V6(_) => [0; 4],
+            };
+            let (src, dst) = (v4(src), v4(dst));
+            let pseudo = [&src[..], &dst[..], &[0, 6], &20u16.to_be_bytes()[..]].concat();
+            let c = checksum(&[&pseudo, &tcp]);
+            tcp[16..18].copy_from_slice(&c.to_be_bytes());
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+            ip[6] = 0x40;
+            ip[8] = 64;
+            ip[9] = 6;
+            ip[12..16].copy_from_slice(&src);
+            ip[16..20].copy_from_slice(&dst);
+            let c = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(&0x0800u16.to_be_bytes());
+            f.extend_from_slice(&ip);
+        }
+    }
     f.extend_from_slice(&tcp);
     f
 }
@@ -246,7 +295,7 @@ mod tests {
     fn seg(seq: u32, ack: u32, len: u32) -> Seg {
         Seg {
             macs: ([2; 6], [4; 6]),
-            ips: ([10, 0, 2, 15], [192, 0, 2, 80]),
+            ips: ([10, 0, 2, 15].into(), [192, 0, 2, 80].into()),
             ports: (40000, 80),
             seq,
             ack,
@@ -299,5 +348,44 @@ mod tests {
         f[23] = 17;
         assert!(parse(&f).is_none());
         assert!(parse(&f[..40]).is_none());
+    }
+
+    #[test]
+    fn ipv6_segments_parse_and_rescue() {
+        let g: IpAddr = "fd00:10:0:2::15".parse().unwrap();
+        let o: IpAddr = "2001:db8::80".parse().unwrap();
+        let s6 = |seq, ack, len| Seg {
+            ips: (g, o),
+            ..seg(seq, ack, len)
+        };
+        let f = ack_frame(&s6(7, 9, 0), 7, 9);
+        assert_eq!(f.len(), 14 + 40 + 20);
+        let p = parse(&f).unwrap();
+        assert_eq!((p.ips, p.seq, p.ack, p.len), ((g, o), 7, 9, 0));
+        // TCP checksum over the IPv6 pseudo-header: summing it all in gives zero.
+        let pseudo = [
+            &f[22..38],
+            &f[38..54],
+            &20u32.to_be_bytes()[..],
+            &[0, 0, 0, 6][..],
+        ]
+        .concat();
+        assert_eq!(checksum(&[&pseudo, &f[54..]]), 0);
+        // Payload length beyond the frame, or another next header: not a segment.
+        let mut bad = f.clone();
+        bad[19] = 200;
+        assert!(parse(&bad).is_none());
+        let mut bad = f.clone();
+        bad[20] = 17;
+        assert!(parse(&bad).is_none());
+        // The watchdog works the same on IPv6 flows.
+        let ms = Duration::from_millis;
+        let mut r = Rescue::default();
+        r.received(ms(0), &s6(500, 100, 0));
+        r.sent(ms(0), &s6(100, 500, 1000));
+        let burst = r.fire(ms(0) + RESCUE_AFTER).expect("due");
+        assert!(burst
+            .iter()
+            .all(|f| parse(f).is_some_and(|s| s.ips == (g, o))));
     }
 }
