@@ -15,6 +15,11 @@
 //! `VolatileSlice`s when the data is copied. Loops, overlong chains, bad indirect tables and
 //! out-of-range addresses are reported as a [`DropReason`], never a panic.
 //!
+//! The TX fast path walks a chain once into a [`Segs`] instead: the same walker (same checks,
+//! same order), but each range is kept as its `VolatileSlice`, in a fixed array of
+//! [`MAX_SEGS`], so neither the header read nor the [`SegFrame`] the switch reads translates
+//! an address again. A chain with more ranges than that is walked again into pieces.
+//!
 //! The data path translates addresses through a [`RegionCache`] built once per batch (TX) or
 //! per delivery (RX): one `VolatileSlice` per memory region, and `subslice` (bounds-checked)
 //! per access, instead of `GuestMemoryMmap`'s region search and `Bytes` plumbing. The avail
@@ -354,8 +359,73 @@ pub fn walk_chain_in(
     max_total: usize,
     out: &mut Vec<Piece>,
 ) -> std::result::Result<usize, DropReason> {
-    let mut table = desc_table;
-    let mut table_len = u32::from(queue_size);
+    let desc = DescTable {
+        addr: desc_table,
+        size: queue_size,
+        slice: None,
+    };
+    match walk(cache, &desc, head, dir, max_total, out) {
+        Ok(total) => Ok(total),
+        Err(Stop::Drop(r)) => Err(r),
+        // A `Vec` never runs out of room.
+        Err(Stop::Full) => Err(DropReason::Malformed),
+    }
+}
+
+/// Why a walk stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The chain is bad.
+    Drop(DropReason),
+    /// The collector is full (a [`Segs`] holds at most [`MAX_SEGS`] ranges).
+    Full,
+}
+
+impl From<DropReason> for Stop {
+    fn from(r: DropReason) -> Self {
+        Stop::Drop(r)
+    }
+}
+
+/// Where a walk puts the ranges of a chain.
+trait ChainSink<'m> {
+    /// Add `[addr, addr + len)` (`len > 0`), checking it lies in guest memory.
+    fn push(
+        &mut self,
+        cache: &RegionCache<'m>,
+        addr: u64,
+        len: usize,
+        write: bool,
+    ) -> std::result::Result<(), Stop>;
+}
+
+impl<'m> ChainSink<'m> for Vec<Piece> {
+    #[inline]
+    fn push(
+        &mut self,
+        cache: &RegionCache<'m>,
+        addr: u64,
+        len: usize,
+        write: bool,
+    ) -> std::result::Result<(), Stop> {
+        push_pieces(cache, addr, len, write, self).map_err(Stop::Drop)
+    }
+}
+
+/// The one chain walker behind [`walk_chain_in`] and [`walk_chain_segs`]: every check, in
+/// the same order, whatever collects the ranges.
+#[inline]
+fn walk<'m, S: ChainSink<'m>>(
+    cache: &RegionCache<'m>,
+    desc: &DescTable<'m>,
+    head: u16,
+    dir: Dir,
+    max_total: usize,
+    out: &mut S,
+) -> std::result::Result<usize, Stop> {
+    let direct = desc.slice.as_ref();
+    let mut table = desc.addr;
+    let mut table_len = u32::from(desc.size);
     let mut idx = u32::from(head);
     let mut indirect = false;
     let mut visited = 0u32;
@@ -363,17 +433,22 @@ pub fn walk_chain_in(
     let mut seen_write = false;
     loop {
         if idx >= table_len {
-            return Err(DropReason::ChainLoop);
+            return Err(DropReason::ChainLoop.into());
         }
         visited += 1;
         if visited > table_len {
-            return Err(DropReason::ChainLoop);
+            return Err(DropReason::ChainLoop.into());
         }
         let at = table
             .checked_add(u64::from(idx) * 16)
             .ok_or(DropReason::BadAddress)?;
         // Two 8-byte loads per descriptor: { addr le64 } { len le32, flags le16, next le16 }.
-        let d = match cache.slice(at, 16).and_then(|s| RawDesc::load(&s)) {
+        let d = match direct
+            .filter(|_| !indirect)
+            // idx < queue size: in the table.
+            .and_then(|t| RawDesc::load_at(t, idx as usize * 16))
+            .or_else(|| cache.slice(at, 16).and_then(|s| RawDesc::load_at(&s, 0)))
+        {
             Some(d) => d,
             // Not in one region: over two adjacent ones, or outside guest memory.
             None => RawDesc::parse(
@@ -386,11 +461,11 @@ pub fn walk_chain_in(
         if flags & VRING_DESC_F_INDIRECT != 0 {
             // Only one level, only as the last descriptor of the direct chain.
             if indirect || flags & VRING_DESC_F_NEXT != 0 {
-                return Err(DropReason::ChainLoop);
+                return Err(DropReason::ChainLoop.into());
             }
             let len = d.len();
             if len == 0 || len % 16 != 0 || len / 16 > MAX_INDIRECT {
-                return Err(DropReason::ChainLoop);
+                return Err(DropReason::ChainLoop.into());
             }
             table = d.addr();
             table_len = len / 16;
@@ -401,9 +476,11 @@ pub fn walk_chain_in(
         }
         let write = flags & VRING_DESC_F_WRITE != 0;
         match dir {
-            Dir::Read if write => return Err(DropReason::BadDirection),
-            Dir::Write if !write => return Err(DropReason::BadDirection),
-            Dir::ReadThenWrite if seen_write && !write => return Err(DropReason::BadDirection),
+            Dir::Read if write => return Err(DropReason::BadDirection.into()),
+            Dir::Write if !write => return Err(DropReason::BadDirection.into()),
+            Dir::ReadThenWrite if seen_write && !write => {
+                return Err(DropReason::BadDirection.into())
+            }
             _ => {}
         }
         seen_write |= write;
@@ -411,14 +488,182 @@ pub fn walk_chain_in(
         if len > 0 {
             total = total.saturating_add(len);
             if total > max_total {
-                return Err(DropReason::FrameTooLong);
+                return Err(DropReason::FrameTooLong.into());
             }
-            push_pieces(cache, d.addr(), len, write, out)?;
+            out.push(cache, d.addr(), len, write)?;
         }
         if flags & VRING_DESC_F_NEXT == 0 {
             return Ok(total);
         }
         idx = u32::from(d.next());
+    }
+}
+
+/// Most guest memory ranges a [`Segs`] holds: a chain of more descriptors (or ranges split at
+/// region boundaries) takes the [`Piece`] path instead. Linux sends at most
+/// `MAX_SKB_FRAGS + 2` (19 by default, 47 at the largest configurable `MAX_SKB_FRAGS`).
+pub const MAX_SEGS: usize = 64;
+
+/// A chain collected as bounds-checked views into guest memory, in a fixed array (no heap):
+/// each range is translated once, when the chain is walked, and read through its
+/// `VolatileSlice` afterwards. Build one per batch and reuse it for every chain.
+#[derive(Clone, Debug)]
+pub struct Segs<'m> {
+    buf: [VolatileSlice<'m>; MAX_SEGS],
+    n: usize,
+    total: usize,
+}
+
+impl Default for Segs<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'m> Segs<'m> {
+    /// An empty collection.
+    pub fn new() -> Self {
+        Segs {
+            buf: [empty_slice(); MAX_SEGS],
+            n: 0,
+            total: 0,
+        }
+    }
+
+    /// The collected ranges, in chain order (none of them empty).
+    pub fn as_slice(&self) -> &[VolatileSlice<'m>] {
+        &self.buf[..self.n]
+    }
+
+    /// Total bytes collected.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    #[inline]
+    fn add(&mut self, s: VolatileSlice<'m>) -> std::result::Result<(), Stop> {
+        let slot = self.buf.get_mut(self.n).ok_or(Stop::Full)?;
+        *slot = s;
+        self.n += 1;
+        self.total += s.len();
+        Ok(())
+    }
+
+    /// Copy the first `N` bytes into an array (`None` when there are fewer): one unaligned
+    /// load when they lie in the first range, as a header in the head descriptor does.
+    #[inline]
+    pub fn read_prefix<const N: usize>(&self) -> Option<[u8; N]>
+    where
+        [u8; N]: ByteValued,
+    {
+        let first = self.as_slice().first()?;
+        if let Ok(r) = first.get_ref::<[u8; N]>(0) {
+            return Some(r.load());
+        }
+        let mut b = [0u8; N];
+        let mut done = 0;
+        for s in self.as_slice() {
+            done += s.copy_to(&mut b[done..]);
+            if done == N {
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    /// The bytes after the first `skip` (the virtio header) as a [`Frame`]: empty when
+    /// there are no more than `skip`.
+    pub fn frame_after(&self, skip: usize) -> SegFrame<'_, 'm> {
+        let len = self.total.saturating_sub(skip);
+        let mut rem = skip;
+        for (i, s) in self.as_slice().iter().enumerate() {
+            if rem < s.len() {
+                let Ok(first) = s.offset(rem) else { break };
+                return SegFrame {
+                    first,
+                    rest: self.buf.get(i + 1..self.n).unwrap_or(&[]),
+                    len,
+                };
+            }
+            rem -= s.len();
+        }
+        SegFrame {
+            first: empty_slice(),
+            rest: &[],
+            len: 0,
+        }
+    }
+}
+
+/// A zero-length `VolatileSlice` (a placeholder; it gives access to nothing).
+fn empty_slice() -> VolatileSlice<'static> {
+    let empty: &'static mut [u8] = &mut [];
+    VolatileSlice::from(empty)
+}
+
+impl<'m> ChainSink<'m> for Segs<'m> {
+    #[inline]
+    fn push(
+        &mut self,
+        cache: &RegionCache<'m>,
+        addr: u64,
+        len: usize,
+        _write: bool,
+    ) -> std::result::Result<(), Stop> {
+        // Fast path: the whole range is inside one region (always, unless it straddles two).
+        if let Some(s) = cache.slice(addr, len) {
+            return self.add(s);
+        }
+        let mut off = 0usize;
+        for s in GuestMemoryBackend::get_slices(cache.mem(), GuestAddress(addr), len) {
+            let s = s.map_err(|_| DropReason::BadAddress)?;
+            off += s.len();
+            self.add(s)?;
+        }
+        if off != len {
+            return Err(DropReason::BadAddress.into());
+        }
+        Ok(())
+    }
+}
+
+/// A queue's descriptor table, translated once (per batch) when it lies in one memory region.
+#[derive(Clone, Copy, Debug)]
+pub struct DescTable<'m> {
+    addr: u64,
+    size: u16,
+    slice: Option<VolatileSlice<'m>>,
+}
+
+impl<'m> DescTable<'m> {
+    /// The descriptor table of `queue`.
+    pub fn new(cache: &RegionCache<'m>, queue: &Queue) -> Self {
+        let (addr, size) = (queue.desc_table(), queue.size());
+        DescTable {
+            addr,
+            size,
+            slice: cache.slice(addr, usize::from(size) * 16),
+        }
+    }
+}
+
+/// [`walk_chain_in`] into a [`Segs`] (cleared first), reading direct descriptors through
+/// `table`. `Ok(None)` when the chain has more than [`MAX_SEGS`] ranges (or a loop fills the
+/// `Segs` before it is caught): walk it again with [`walk_chain_in`], which decides as always.
+pub fn walk_chain_segs<'m>(
+    cache: &RegionCache<'m>,
+    table: &DescTable<'m>,
+    head: u16,
+    dir: Dir,
+    max_total: usize,
+    out: &mut Segs<'m>,
+) -> std::result::Result<Option<usize>, DropReason> {
+    out.n = 0;
+    out.total = 0;
+    match walk(cache, table, head, dir, max_total, out) {
+        Ok(total) => Ok(Some(total)),
+        Err(Stop::Drop(r)) => Err(r),
+        Err(Stop::Full) => Ok(None),
     }
 }
 
@@ -442,12 +687,12 @@ impl RawDesc {
         }
     }
 
-    /// Read a descriptor from the 16-byte `s` (unaligned volatile loads: an indirect table
+    /// Read the descriptor at byte `off` of `s` (unaligned volatile loads: an indirect table
     /// need not be aligned).
     #[inline]
-    fn load(s: &VolatileSlice<'_>) -> Option<Self> {
-        let addr = u64::from_le(s.get_ref::<u64>(0).ok()?.load());
-        let rest = u64::from_le(s.get_ref::<u64>(8).ok()?.load());
+    fn load_at(s: &VolatileSlice<'_>, off: usize) -> Option<Self> {
+        let addr = u64::from_le(s.get_ref::<u64>(off).ok()?.load());
+        let rest = u64::from_le(s.get_ref::<u64>(off.checked_add(8)?).ok()?.load());
         // Truncations pick the fields out of `rest`.
         #[allow(clippy::cast_possible_truncation)]
         Some(RawDesc {
@@ -631,6 +876,55 @@ impl Frame for GuestFrame<'_, '_> {
             skip = 0;
             left -= n;
             if !f(Segment::Guest(s)) {
+                return;
+            }
+        }
+    }
+}
+
+/// A frame view over a [`Segs`] (see [`Segs::frame_after`]): the first range holding frame
+/// bytes, already advanced past the header, then the others. Nothing is translated again: a
+/// read of bytes in the first range (an Ethernet header, a whole small frame) is one
+/// bounds-checked `subslice` and a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct SegFrame<'s, 'm> {
+    first: VolatileSlice<'m>,
+    rest: &'s [VolatileSlice<'m>],
+    len: usize,
+}
+
+impl Frame for SegFrame<'_, '_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.len.saturating_sub(offset));
+        match self.first.subslice(offset, n) {
+            Ok(s) => s.copy_to(&mut dst[..n]),
+            Err(_) => virtnet_switch::frame::read_segments_at(self, offset, dst),
+        }
+    }
+
+    #[inline]
+    fn copy_to_volatile(&self, offset: usize, dst: &VolatileSlice<'_>) -> usize {
+        let n = dst.len().min(self.len.saturating_sub(offset));
+        match self.first.subslice(offset, n) {
+            Ok(s) => {
+                s.copy_to_volatile_slice(*dst);
+                n
+            }
+            Err(_) => virtnet_switch::frame::copy_segments_to_volatile(self, offset, dst),
+        }
+    }
+
+    fn for_each_segment(&self, f: &mut dyn FnMut(Segment<'_>) -> bool) {
+        if self.len == 0 || !f(Segment::Guest(self.first)) {
+            return;
+        }
+        for s in self.rest {
+            if !f(Segment::Guest(*s)) {
                 return;
             }
         }
@@ -1096,6 +1390,114 @@ pub(crate) mod tests {
         assert!(need_event(0, 1, 0));
         assert!(!need_event(5, 3, 0));
         assert!(need_event(0xffff, 1, 0xfffe));
+    }
+
+    /// The bytes of a frame, through `read_at` and through its segments.
+    fn frame_bytes(f: &dyn Frame) -> Vec<u8> {
+        let mut v = vec![0u8; f.len()];
+        assert_eq!(f.read_at(0, &mut v), f.len());
+        let mut w = Vec::new();
+        f.for_each_segment(&mut |s| {
+            let mut b = vec![0u8; s.len()];
+            s.read_at(0, &mut b);
+            w.extend_from_slice(&b);
+            true
+        });
+        assert_eq!(v, w, "read_at and the segments agree");
+        v
+    }
+
+    #[test]
+    fn segs_walk_agrees_with_the_piece_walk() {
+        // Two adjacent regions, so that some ranges are split at the boundary.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x10_0000), 0x30_0000),
+        ])
+        .unwrap();
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(0x4000).collect();
+        mem.write_slice(&bytes, GuestAddress(0x0f_e000)).unwrap();
+        let mut d = Driver::new(&mem, 256);
+        let mut heads = vec![
+            d.chain(&[(0x0f_e000, 100, false)]),
+            d.chain(&[(0x0f_e000, 5, false), (0x0f_f000, 0x2000, false)]),
+            d.chain(&[
+                (0x0f_e000, 12, false),
+                (0x0f_e100, 0, false),
+                (0x0f_e200, 60, false),
+            ]),
+            d.chain(&[(0x3f_fff0, 100, false)]),
+            d.chain(&[(0x0f_e000, 10, true)]),
+            d.chain(&[(0x0f_e000, 0x30_0000, false)]),
+        ];
+        // One descriptor more than a `Segs` holds, and exactly as many.
+        for n in [MAX_SEGS + 1, MAX_SEGS] {
+            let bufs: Vec<(u64, u32, bool)> = (0..n as u64)
+                .map(|i| (0x0f_e000 + 3 * i, 3, false))
+                .collect();
+            heads.push(d.chain(&bufs));
+        }
+        // A loop.
+        d.put(250, 0x0f_e000, 10, F_NEXT, 251);
+        d.put(251, 0x0f_e000, 10, F_NEXT, 250);
+        heads.push(250);
+        let q = d.queue();
+        let cache = RegionCache::new(&mem);
+        let mut segs = Segs::new();
+        let mut full = 0;
+        for &h in &heads {
+            let mut pieces = Vec::new();
+            let want = walk_chain_in(
+                &cache,
+                q.desc_table(),
+                256,
+                h,
+                Dir::Read,
+                1 << 20,
+                &mut pieces,
+            );
+            let got = walk_chain_segs(
+                &cache,
+                &DescTable::new(&cache, &q),
+                h,
+                Dir::Read,
+                1 << 20,
+                &mut segs,
+            );
+            match (want, got) {
+                // Full: the caller walks again with `walk_chain_in`, which decides (here a
+                // long good chain, and a loop that fills the `Segs` before it is caught).
+                (want, Ok(None)) => {
+                    assert!(
+                        pieces.len() > MAX_SEGS || want == Err(DropReason::ChainLoop),
+                        "head {h}"
+                    );
+                    full += 1;
+                }
+                (Ok(n), Ok(Some(m))) => {
+                    assert_eq!(n, m, "head {h}");
+                    assert_eq!(segs.total(), n);
+                    assert_eq!(segs.as_slice().len(), pieces.len(), "head {h}");
+                    for skip in [0, 1, 5, 12, 13, n.saturating_sub(1), n, n + 4] {
+                        let g = GuestFrame::new(&cache, &pieces, skip, usize::MAX);
+                        let f = segs.frame_after(skip);
+                        assert_eq!(f.len(), g.len(), "head {h} skip {skip}");
+                        assert_eq!(frame_bytes(&f), frame_bytes(&g), "head {h} skip {skip}");
+                        for off in [0, 1, 7, 95, 200] {
+                            let mut a = [0u8; 40];
+                            let mut b = [0u8; 40];
+                            assert_eq!(f.read_at(off, &mut a), g.read_at(off, &mut b));
+                            assert_eq!(a, b);
+                        }
+                    }
+                    let mut raw = [0u8; 12];
+                    let n12 = read_pieces_in(&cache, &pieces, 0, &mut raw);
+                    assert_eq!(segs.read_prefix::<12>(), (n12 == 12).then_some(raw));
+                }
+                (want, got) => assert_eq!(want.map(Some), got, "head {h}"),
+            }
+        }
+        assert_eq!(full, 2);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The TX engine: drain a batch of guest TX chains into the switch.
 //!
 //! ```text
-//!   kick ─► RegionCache (once) ─► avail idx read once, ≤ TX_BATCH heads
+//!   kick ─► RegionCache, DescTable (once) ─► avail idx read once, ≤ TX_BATCH heads
 //!           for each head:
-//!             walk chain (readable only, ≤ hdr + 65562 bytes) ─► pieces (per-worker Vec)
-//!             header: gather hdr_len bytes ─► NetHdr, validate offload metadata
-//!             GuestFrame { pieces, skip: hdr_len } ─► Switch::forward(batch, port, &frame, &hdr)
+//!             walk chain once (readable only, ≤ hdr + 65562 bytes) ─► Segs (≤ MAX_SEGS
+//!               VolatileSlices, on the stack; longer chains: walk again into pieces)
+//!             header: one load of hdr_len bytes ─► NetHdr, validate offload metadata
+//!             SegFrame (Segs past the header) ─► Switch::forward(batch, port, &frame, &hdr)
 //!           write used elements (len 0), publish used idx once ─► Switch::end(batch)
 //!           ─► interrupt if the driver wants one (EVENT_IDX / NO_INTERRUPT)
 //! ```
@@ -16,10 +17,10 @@
 
 use virtio_queue::{Queue, QueueT};
 use virtnet_switch::hdr::{GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
-use virtnet_switch::{DropReason, NetHdr, PortId, Switch, TxBatch};
+use virtnet_switch::{DropReason, Frame, NetHdr, PortId, Switch, TxBatch};
 use vm_memory::GuestMemoryMmap;
 
-use crate::desc::{self, Dir, GuestFrame, Piece, RegionCache};
+use crate::desc::{self, DescTable, Dir, GuestFrame, Piece, RegionCache, Segs};
 use crate::virtio_net::{parse_hdr, Negotiated, MAX_FRAME_LEN};
 
 /// Most chains handled per batch.
@@ -136,15 +137,72 @@ pub fn parse_tx_chain_in(
     if desc::read_pieces_in(cache, pieces, 0, &mut raw[..p.hdr_len]) != p.hdr_len {
         return Err(DropReason::HeaderTruncated);
     }
-    let mut hdr = parse_hdr(&raw);
     let len = total - p.hdr_len;
+    check_hdr(&raw, len, p).map(|hdr| (hdr, len))
+}
+
+/// [`parse_tx_chain_in`] in one walk: the chain's ranges are collected as guest memory views
+/// into `segs`, and the header is read from them. Returns the header (the frame is
+/// `segs.frame_after(p.hdr_len)`), or `Ok(None)` when the chain has more than
+/// [`desc::MAX_SEGS`] ranges (then use [`parse_tx_chain_in`]). Same checks, same order, same
+/// drop reasons as [`parse_tx_chain_in`].
+#[inline]
+pub fn parse_tx_segs<'m>(
+    cache: &RegionCache<'m>,
+    table: &DescTable<'m>,
+    head: u16,
+    p: &TxParams,
+    segs: &mut Segs<'m>,
+) -> std::result::Result<Option<NetHdr>, DropReason> {
+    let Some(total) = desc::walk_chain_segs(
+        cache,
+        table,
+        head,
+        Dir::Read,
+        p.hdr_len + MAX_FRAME_LEN,
+        segs,
+    )?
+    else {
+        return Ok(None);
+    };
+    if total < p.hdr_len || total == 0 {
+        return Err(DropReason::HeaderTruncated);
+    }
+    let mut raw = [0u8; 12];
+    match p.hdr_len {
+        12 => {
+            raw = segs
+                .read_prefix::<12>()
+                .ok_or(DropReason::HeaderTruncated)?
+        }
+        10 => {
+            let b = segs
+                .read_prefix::<10>()
+                .ok_or(DropReason::HeaderTruncated)?;
+            raw[..10].copy_from_slice(&b);
+        }
+        n => {
+            let f = segs.frame_after(0);
+            let dst = raw.get_mut(..n).ok_or(DropReason::HeaderTruncated)?;
+            if f.read_at(0, dst) != n {
+                return Err(DropReason::HeaderTruncated);
+            }
+        }
+    }
+    check_hdr(&raw, total - p.hdr_len, p).map(Some)
+}
+
+/// Parse a TX header and check it against the frame length `len` and what was negotiated.
+#[inline]
+fn check_hdr(raw: &[u8; 12], len: usize, p: &TxParams) -> std::result::Result<NetHdr, DropReason> {
+    let mut hdr = parse_hdr(raw);
     // DATA_VALID is an RX-only flag; drivers must not set it on TX.
     hdr.flags &= virtnet_switch::hdr::FLAG_NEEDS_CSUM;
     validate_offload(&hdr, len, p)?;
     if !hdr.is_gso() && len > usize::from(p.mtu) + 18 {
         return Err(DropReason::FrameTooLong);
     }
-    Ok((hdr, len))
+    Ok(hdr)
 }
 
 /// Check guest GSO/checksum metadata against what was negotiated and the frame length.
@@ -212,12 +270,26 @@ pub fn process_tx_queue(
     switch.begin(batch);
     let base = queue.next_used();
     let mut result = Ok(());
+    // Filled anew by each chain: one walk, each range translated once.
+    let mut segs = Segs::new();
+    let table = DescTable::new(&cache, queue);
     for (i, &head) in scratch.heads.iter().enumerate() {
-        match parse_tx_chain_in(&cache, queue, head, params, &mut scratch.pieces) {
-            Ok((hdr, len)) => {
-                let frame = GuestFrame::new(&cache, &scratch.pieces, params.hdr_len, len);
-                switch.forward(batch, port, &frame, &hdr);
+        let parsed = match parse_tx_segs(&cache, &table, head, params, &mut segs) {
+            Ok(Some(hdr)) => {
+                switch.forward(batch, port, &segs.frame_after(params.hdr_len), &hdr);
+                Ok(())
             }
+            // More ranges than a `Segs` holds: the general path.
+            Ok(None) => parse_tx_chain_in(&cache, queue, head, params, &mut scratch.pieces).map(
+                |(hdr, len)| {
+                    let frame = GuestFrame::new(&cache, &scratch.pieces, params.hdr_len, len);
+                    switch.forward(batch, port, &frame, &hdr);
+                },
+            ),
+            Err(reason) => Err(reason),
+        };
+        match parsed {
+            Ok(()) => {}
             Err(reason) => {
                 switch.count_drop(batch, port, reason);
                 desc::log_drop(name, "tx", reason);
@@ -546,6 +618,90 @@ pub(crate) mod tests {
             "t"
         )
         .is_err());
+    }
+
+    #[test]
+    fn long_chains_take_the_general_path() {
+        let mem = test_mem();
+        let mut d = Driver::new(&mem, 512);
+        let f = eth(200, 2, 1);
+        put_hdr(&mem, 0x10_0000, &NetHdr::NONE);
+        mem.write_slice(&f, GuestAddress(0x10_000c)).unwrap();
+        // Header, then the frame cut into `n` descriptors of 2 bytes (the rest in the last):
+        // below, at and above what a `Segs` holds.
+        let mut want = Vec::new();
+        for n in [desc::MAX_SEGS - 2, desc::MAX_SEGS - 1, desc::MAX_SEGS + 5] {
+            let mut bufs = vec![(0x10_0000u64, 12u32, false)];
+            for i in 0..n as u64 - 1 {
+                bufs.push((0x10_000c + 2 * i, 2, false));
+            }
+            let done = 2 * (n as u64 - 1);
+            bufs.push((0x10_000c + done, 200 - done as u32, false));
+            d.chain(&bufs);
+            want.push(f.clone());
+        }
+        // A long chain that is bad after the point a `Segs` fills up.
+        let mut bufs = vec![(0x10_0000u64, 12u32, false)];
+        for i in 0..desc::MAX_SEGS as u64 + 3 {
+            bufs.push((0x10_000c + i, 1, false));
+        }
+        bufs.push((0x10_000c, 1, true));
+        d.chain(&bufs);
+        let mut q = d.queue();
+        let mut rig = Rig::new();
+        let o = rig.run(&mem, &mut q);
+        assert_eq!((o.chains, o.dropped), (4, 1));
+        assert_eq!(rig.drops(DropReason::BadDirection), 1);
+        let got: Vec<Vec<u8>> = rig.got().into_iter().map(|(v, _)| v).collect();
+        assert_eq!(got, want);
+        assert_eq!(d.used_idx(), 4);
+    }
+
+    #[test]
+    fn parse_paths_agree() {
+        let mem = test_mem();
+        let mut d = Driver::new(&mem, 16);
+        let tso = NetHdr {
+            flags: 1,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        put_hdr(&mem, 0x10_0000, &tso);
+        mem.write_slice(&eth(3000, 2, 1), GuestAddress(0x10_000c))
+            .unwrap();
+        let heads = [
+            d.chain(&[(0x10_0000, 12 + 3000, false)]),
+            d.chain(&[(0x10_0000, 3, false), (0x10_0003, 9 + 3000, false)]),
+            d.chain(&[(0x10_0000, 11, false)]),
+            d.chain(&[(0x10_0000, 12 + 20, false)]),
+        ];
+        let q = d.queue();
+        let cache = RegionCache::new(&mem);
+        let mut pieces = Vec::new();
+        let mut segs = Segs::new();
+        for hdr_len in [10, 12] {
+            for mtu in [1500, 9000] {
+                let p = TxParams {
+                    hdr_len,
+                    csum: true,
+                    tso4: mtu == 1500,
+                    tso6: false,
+                    ecn: false,
+                    mtu,
+                };
+                for &h in &heads {
+                    let want = parse_tx_chain_in(&cache, &q, h, &p, &mut pieces);
+                    let got = parse_tx_segs(&cache, &DescTable::new(&cache, &q), h, &p, &mut segs);
+                    assert_eq!(want.map(|(hdr, _)| Some(hdr)), got, "{h} {hdr_len} {mtu}");
+                    if let Ok((_, len)) = want {
+                        assert_eq!(segs.frame_after(hdr_len).len(), len);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
