@@ -667,6 +667,30 @@ pub fn walk_chain_segs<'m>(
     }
 }
 
+/// The buffer of the chain at `head` when that chain is one writable descriptor (no `NEXT`,
+/// no `INDIRECT`) of at least `need` bytes inside one memory region: a view of its first
+/// `need` bytes. `None` for anything else, good or bad: the caller then walks the chain with
+/// [`walk_chain_in`], which decides. This is the RX fast path: Linux (mergeable buffers) and
+/// DPDK post one such descriptor per buffer.
+#[inline]
+pub fn lone_write_buffer<'a>(
+    cache: &RegionCache<'a>,
+    desc_table: u64,
+    size: u16,
+    head: u16,
+    need: usize,
+) -> Option<VolatileSlice<'a>> {
+    if head >= size {
+        return None;
+    }
+    let at = desc_table.checked_add(u64::from(head) * 16)?;
+    let d = RawDesc::load_at(&cache.slice(at, 16)?, 0)?;
+    if u32::from(d.flags()) != VRING_DESC_F_WRITE || (d.len() as usize) < need || need == 0 {
+        return None;
+    }
+    cache.slice(d.addr(), need)
+}
+
 /// A split-ring descriptor as read from guest memory.
 #[derive(Clone, Copy, Debug)]
 struct RawDesc {

@@ -7,7 +7,9 @@
 //!       │                                 ▼                            (kept: thread-local)
 //!       burst open? ── no ─► vring lock once: ready/enabled, copy the Queue, memory snapshot
 //!       filter (ctrl RX mode) ─► offloads: pass through, or Segmenter::adapt in software
-//!       gather chains until they hold hdr + frame (MRG_RXBUF) or one chain (no MRG_RXBUF)
+//!       first chain one writable descriptor that holds hdr + frame? ─► write them, one used
+//!         element (no chain walk: the common case with Linux and DPDK drivers)
+//!       else gather chains until they hold hdr + frame (MRG_RXBUF) or one chain (no MRG_RXBUF)
 //!         (avail idx read at the burst's first frame, again only when its heads run out)
 //!       copy header + frame, write used elements  ─── used idx NOT published yet
 //!   switch: next frame for another port ─► RxSink::release() ─► avail position back into
@@ -205,6 +207,30 @@ impl RxEngine {
     }
 }
 
+/// The next head for a frame: from the heads known in this burst, and when they ran out, once
+/// from a fresh read of the avail index (`fresh` records it; `bad_idx` is set when that index
+/// is out of range).
+#[inline]
+fn next_head(
+    avail: &mut desc::AvailCursor<'_, '_>,
+    queue: &mut Queue,
+    fresh: &mut bool,
+    bad_idx: &mut bool,
+) -> Option<u16> {
+    if let Some(h) = avail.next(queue) {
+        return Some(h);
+    }
+    if *fresh {
+        return None;
+    }
+    *fresh = true;
+    if avail.refresh(queue).is_err() {
+        *bad_idx = true;
+        return None;
+    }
+    avail.next(queue)
+}
+
 impl RxRing {
     fn write_frame(
         &mut self,
@@ -235,22 +261,23 @@ impl RxRing {
             .map_err(|_| DropReason::Malformed)?;
             let mut fresh = !matches!(self.burst_avail, Some(Some(_)));
             let mut bad_idx = false;
-            while cap < need {
-                let head = match avail.next(queue) {
-                    Some(h) => h,
-                    // The heads known in this burst ran out: look for new ones once.
-                    None if !fresh => {
-                        fresh = true;
-                        if avail.refresh(queue).is_err() {
-                            bad_idx = true;
-                            break;
-                        }
-                        match avail.next(queue) {
-                            Some(h) => h,
-                            None => break,
-                        }
+            let mut first_head = next_head(&mut avail, queue, &mut fresh, &mut bad_idx);
+            if let Some(head) = first_head {
+                // Fast path: the first chain is one writable descriptor that holds the whole
+                // frame (no chain walk, no piece list).
+                if let Some(buf) = desc::lone_write_buffer(cache, desc_table, size, head, need) {
+                    if self.burst_avail.is_some() {
+                        self.burst_avail = Some(Some(avail.idx()));
                     }
-                    None => break,
+                    return self.write_lone(cache, queue, head, &buf, frame, hdr);
+                }
+            }
+            while cap < need {
+                let Some(head) = first_head
+                    .take()
+                    .or_else(|| next_head(&mut avail, queue, &mut fresh, &mut bad_idx))
+                else {
+                    break;
                 };
                 let first = self.pieces.len();
                 match desc::walk_chain_in(
@@ -341,6 +368,33 @@ impl RxRing {
                 .map_err(|_| DropReason::Malformed)?;
         }
         self.pending = self.pending.wrapping_add(nb);
+        Ok(())
+    }
+
+    /// Write `hdr` and `frame` into `buf`, the first `hdr_len + frame.len()` bytes of the lone
+    /// descriptor of the chain at `head` (see [`desc::lone_write_buffer`]), and its used element.
+    #[inline]
+    fn write_lone(
+        &mut self,
+        cache: &RegionCache<'_>,
+        queue: &Queue,
+        head: u16,
+        buf: &vm_memory::VolatileSlice<'_>,
+        frame: &dyn Frame,
+        hdr: &NetHdr,
+    ) -> Result<(), DropReason> {
+        let hdr_len = self.params.hdr_len;
+        let hdr_bytes = emit_hdr(hdr, 1);
+        let (Ok(h), Ok(body)) = (buf.subslice(0, hdr_len), buf.offset(hdr_len)) else {
+            return Err(DropReason::Malformed);
+        };
+        h.copy_from(&hdr_bytes[..hdr_len]);
+        let n = frame.copy_to_volatile(0, &body);
+        let slot = queue.next_used().wrapping_add(self.pending);
+        // n <= buf.len() <= the descriptor's length, a u32.
+        desc::write_used_elem_in(cache, queue, slot, head, (hdr_len + n) as u32)
+            .map_err(|_| DropReason::Malformed)?;
+        self.pending = self.pending.wrapping_add(1);
         Ok(())
     }
 }
@@ -780,6 +834,51 @@ mod tests {
         assert_eq!(&got[..10], &[0u8; 10]);
         assert_eq!(&got[10..12], &[1, 0], "num_buffers = 1");
         assert_eq!(&got[12..], &fr[..]);
+    }
+
+    #[test]
+    fn lone_buffers_and_walked_chains_agree() {
+        // The same frames into one-descriptor buffers (the fast path) and into the same
+        // buffers cut in two descriptors (the chain walk), within a burst: same bytes, same
+        // used elements, same positions.
+        let frames = [eth(60, 1, 2), eth(1514, 3, 4), eth(300, 5, 6)];
+        let mut out = Vec::new();
+        for split in [false, true] {
+            let mem = test_mem();
+            let mut d = Driver::new(&mem, 16);
+            for i in 0..4u64 {
+                let at = 0x10_0000 + i * 0x1000;
+                if split {
+                    d.chain(&[(at, 7, true), (at + 7, 2041, true)]);
+                } else {
+                    d.chain(&[(at, 2048, true)]);
+                }
+            }
+            let mut q = d.queue();
+            let mut e = engine(f::VERSION_1 | f::MRG_RXBUF);
+            e.begin_burst();
+            for fr in &frames {
+                e.deliver(&mem, &mut q, &SliceFrame(fr), &NetHdr::NONE)
+                    .unwrap();
+            }
+            e.end_burst();
+            assert!(e.publish(&mem, &mut q).unwrap());
+            assert_eq!((d.used_idx(), q.next_avail()), (3, 3));
+            // Heads differ (a split buffer takes two descriptors); the lengths must not.
+            let heads: Vec<_> = (0..3).map(|k| d.used(k).0).collect();
+            assert_eq!(heads, if split { [0, 2, 4] } else { [0, 1, 2] });
+            let used: Vec<_> = (0..3).map(|k| d.used(k).1).collect();
+            assert_eq!(used, [72, 1526, 312]);
+            let bytes: Vec<_> = (0..3u64)
+                .map(|k| read(&mem, 0x10_0000 + k * 0x1000, 12 + frames[k as usize].len()))
+                .collect();
+            for (b, fr) in bytes.iter().zip(&frames) {
+                assert_eq!(&b[10..12], &[1, 0], "num_buffers = 1");
+                assert_eq!(&b[12..], &fr[..]);
+            }
+            out.push((used, bytes));
+        }
+        assert!(out[0] == out[1], "the fast path and the chain walk differ");
     }
 
     #[test]
