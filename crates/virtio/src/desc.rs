@@ -647,6 +647,35 @@ impl<'m> DescTable<'m> {
     }
 }
 
+/// When the chain at `head` is one readable descriptor (no `NEXT`, `WRITE` or `INDIRECT`) of
+/// 1..=`max_total` bytes inside one memory region: put its view in `out` (cleared first) and
+/// return its length. `None` for anything else, good or bad, with `out` untouched: the caller
+/// then walks the chain, which decides. The TX fast path: Linux and DPDK put the virtio header
+/// and a small frame in one descriptor.
+#[inline]
+pub fn lone_read_segs<'m>(
+    cache: &RegionCache<'m>,
+    table: &DescTable<'m>,
+    head: u16,
+    max_total: usize,
+    out: &mut Segs<'m>,
+) -> Option<usize> {
+    let t = table.slice.as_ref()?;
+    if head >= table.size {
+        return None;
+    }
+    let d = RawDesc::load_at(t, usize::from(head) * 16)?;
+    let len = d.len() as usize;
+    if d.flags() != 0 || len == 0 || len > max_total {
+        return None;
+    }
+    let s = cache.slice(d.addr(), len)?;
+    out.buf[0] = s;
+    out.n = 1;
+    out.total = len;
+    Some(len)
+}
+
 /// [`walk_chain_in`] into a [`Segs`] (cleared first), reading direct descriptors through
 /// `table`. `Ok(None)` when the chain has more than [`MAX_SEGS`] ranges (or a loop fills the
 /// `Segs` before it is caught): walk it again with [`walk_chain_in`], which decides as always.

@@ -3,7 +3,8 @@
 //! ```text
 //!   kick ─► RegionCache, DescTable (once) ─► avail idx read once, ≤ TX_BATCH heads
 //!           for each head:
-//!             walk chain once (readable only, ≤ hdr + 65562 bytes) ─► Segs (≤ MAX_SEGS
+//!             one readable descriptor? ─► Segs of one view, no walk (the common case)
+//!             else walk chain once (readable only, ≤ hdr + 65562 bytes) ─► Segs (≤ MAX_SEGS
 //!               VolatileSlices, on the stack; longer chains: walk again into pieces)
 //!             header: one load of hdr_len bytes ─► NetHdr, validate offload metadata
 //!             SegFrame (Segs past the header) ─► Switch::forward(batch, port, &frame, &hdr)
@@ -154,16 +155,13 @@ pub fn parse_tx_segs<'m>(
     p: &TxParams,
     segs: &mut Segs<'m>,
 ) -> std::result::Result<Option<NetHdr>, DropReason> {
-    let Some(total) = desc::walk_chain_segs(
-        cache,
-        table,
-        head,
-        Dir::Read,
-        p.hdr_len + MAX_FRAME_LEN,
-        segs,
-    )?
-    else {
-        return Ok(None);
+    let max = p.hdr_len + MAX_FRAME_LEN;
+    let total = match desc::lone_read_segs(cache, table, head, max, segs) {
+        Some(t) => t,
+        None => match desc::walk_chain_segs(cache, table, head, Dir::Read, max, segs)? {
+            Some(t) => t,
+            None => return Ok(None),
+        },
     };
     if total < p.hdr_len || total == 0 {
         return Err(DropReason::HeaderTruncated);
