@@ -111,9 +111,10 @@ pub struct TxBatch {
     /// The last (VLAN, source MAC, ingress) learned in this batch: the FDB already has it
     /// with this batch's timestamp, so frames of the same flow skip `Fdb::learn`.
     learned: Option<(u16, MacAddr, PortId, u64)>,
-    /// The last unicast (VLAN, destination MAC) looked up in this batch, its port and the
-    /// clock then.
-    looked_up: Option<(u16, MacAddr, PortId, u64)>,
+    /// The last unicast (VLAN, destination MAC) looked up in this batch, its port (`None`:
+    /// unknown, flooded) and the clock then. A destination learned later in the batch is
+    /// flooded to until the next batch, which reaches it as well.
+    looked_up: Option<(u16, MacAddr, Option<PortId>, u64)>,
     /// Frames and bytes received from one ingress port, not yet added to its counters.
     rx_acc: Acc,
     /// Frames and bytes delivered to one port, not yet added to its counters.
@@ -381,7 +382,12 @@ impl Switch {
         let key = (vlan, src_mac, ingress, now);
         if *learned != Some(key) {
             match self.fdb.learn(vlan, src_mac, ingress, now) {
-                Learn::Known | Learn::Learned => *learned = Some(key),
+                Learn::Known => *learned = Some(key),
+                Learn::Learned => {
+                    *learned = Some(key);
+                    // A new or moved station: what this batch looked up may be stale.
+                    *looked_up = None;
+                }
                 // Not fatal: the frame still goes out, it just cannot be answered by unicast.
                 Learn::Limited => {}
             }
@@ -390,12 +396,10 @@ impl Switch {
         let dst_mac = eth.dst();
         if !dst_mac.is_multicast() {
             let dst = match *looked_up {
-                Some((v, m, p, t)) if v == vlan && m == dst_mac && t == now => Some(p),
+                Some((v, m, p, t)) if v == vlan && m == dst_mac && t == now => p,
                 _ => {
                     let p = self.fdb.lookup(vlan, dst_mac, now);
-                    if let Some(p) = p {
-                        *looked_up = Some((vlan, dst_mac, p, now));
-                    }
+                    *looked_up = Some((vlan, dst_mac, p, now));
                     p
                 }
             };
