@@ -6,8 +6,9 @@
 //! - backends: **virtnetd** (an internal network of two ports) and **DPDK** `dpdk-testpmd`
 //!   with two `net_vhost` ports in io forwarding, run interleaved A B A B …;
 //! - frontends: our driver ([`virtnet_guest::Guest`], zero-alloc `send_batch` /
-//!   `drain_with`, guest A → guest B) and DPDK `virtio_user` (one testpmd with two ports in
-//!   flowgen mode, both directions at once), so that one frontend is not ours;
+//!   `drain_with`, guest A → guest B) and DPDK `virtio_user` (one testpmd with two ports,
+//!   `--tx-first` then mac forwarding, both directions at once; `--vuser-mode flowgen` for
+//!   testpmd's flow generator), so that one frontend is not ours;
 //! - frames: 64, 512, 1500 B (Mpps, Gbit/s) and 64 KiB TCPv4 GSO (Gbit/s); 1 and 2 queue
 //!   pairs;
 //! - context: a core-to-core round-trip probe before each pair (the machine is bimodal) and
@@ -29,7 +30,8 @@
 //! frontend `--frontend-cpus` (default CPU 0), identically for both backends. Our driver
 //! runs sender and receiver in one thread; testpmd runs both ports on one lcore. (txonly
 //! and rxonly as two processes on one CPU are two busy pollers time-sliced by the
-//! scheduler: that measured about 10 kpps, the scheduler's rate, so flowgen replaced them.)
+//! scheduler: that measured about 10 kpps, the scheduler's rate, so one process drives both
+//! ports.)
 
 #![deny(missing_docs)]
 

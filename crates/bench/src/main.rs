@@ -34,10 +34,16 @@ struct Args {
     /// Queue pairs per port.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     qps: Vec<u16>,
-    /// Frontends: `guest` (virtnet_guest, A → B) and/or `virtio_user` (DPDK testpmd flowgen,
-    /// both directions).
+    /// Frontends: `guest` (virtnet_guest, A → B) and/or `virtio_user` (DPDK testpmd, two
+    /// ports, both directions; see --vuser-mode).
     #[arg(long, value_delimiter = ',', default_value = "guest,virtio_user")]
     frontends: Vec<String>,
+    /// How the virtio_user frontend makes traffic: `mac` (tx-first, then mac forwarding: each
+    /// port sends with its own MAC to the other's, 2 × 256 frames in flight) or `flowgen`
+    /// (DPDK 22.11 flowgen: one fixed source MAC on both ports to an unknown destination, so
+    /// a learning switch floods every frame).
+    #[arg(long, value_enum, default_value_t = virtnet_bench::proc::VuserMode::Mac)]
+    vuser_mode: virtnet_bench::proc::VuserMode,
     /// Backends: `virtnet` and/or `dpdk` (the ratio needs both; one alone is for profiling).
     #[arg(long, value_delimiter = ',', default_value = "virtnet,dpdk")]
     backends: Vec<String>,
@@ -114,6 +120,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
             backend_cpus: CpuSet::parse(&args.backend_cpus).context("--backend-cpus")?,
             frontend_cpus: CpuSet::parse(&args.frontend_cpus).context("--frontend-cpus")?,
             dpdk_mem_mb: args.dpdk_mem,
+            vuser_mode: args.vuser_mode,
         },
         pairs,
         warmup: Duration::from_secs_f64(warmup),
@@ -158,7 +165,11 @@ fn main() -> anyhow::Result<()> {
                 plan.programs.frontend_cpus.list()
             ),
             "guest: one thread runs sender (send_batch 64) and receiver (drain_with 256) of two virtnet_guest::Guest".into(),
-            "virtio_user: ONE testpmd with two virtio_user ports in flowgen mode (rx+free, then generate --txpkts frames to the other port's MAC): BIDIRECTIONAL, rate = median over periods of the sum of both ports' Rx-pps (txonly+rxonly as two processes on one CPU measured the scheduler, ~10 kpps)".into(),
+            match plan.programs.vuser_mode {
+                virtnet_bench::proc::VuserMode::Mac => "virtio_user: ONE testpmd with two virtio_user ports, --tx-first then mac forwarding (a burst of 256 --txpkts frames per port, then every frame received on one port is sent out of the other, source = that port's MAC, destination = the other's): BIDIRECTIONAL closed loop, rate = median over periods of the sum of both ports' Rx-pps (txonly+rxonly as two processes on one CPU measured the scheduler, ~10 kpps)",
+                virtnet_bench::proc::VuserMode::Flowgen => "virtio_user: ONE testpmd with two virtio_user ports in flowgen mode (rx+free, then generate --txpkts frames; DPDK 22.11 uses one fixed source MAC for both ports and a destination no port owns, so virtnet floods every frame): BIDIRECTIONAL, rate = median over periods of the sum of both ports' Rx-pps",
+            }
+            .into(),
             "rates are delivered frames at the receiver; ratio = median(virtnet)/median(DPDK) within this run; c2c = frontend<->backend CPU cache-line round trip and wake = blocking wake-up round trip (unix socket ping-pong), both measured before each pair".into(),
         ],
         points: Vec::new(),

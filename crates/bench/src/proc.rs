@@ -1,11 +1,12 @@
 //! The processes of a run: the backend under test (virtnetd, or DPDK testpmd with two
 //! `net_vhost` ports in io forwarding) and, for the DPDK frontend, one testpmd with two
-//! `virtio_user` ports in flowgen mode (see [`testpmd_vuser_args`] for why not txonly/rxonly).
+//! `virtio_user` ports in mac forwarding (default) or flowgen mode (see [`testpmd_vuser_args`]
+//! for why not txonly/rxonly).
 //!
 //! ```text
 //!   frontend (CPU set F)              backend (CPU set B)                 frontend (CPU set F)
 //!   Guest A                ──p0.sock──► virtnetd switch  ──p1.sock──► Guest B
-//!   testpmd flowgen port 0 ◄─p0.sock──► or testpmd io fwd ◄─p1.sock──► testpmd flowgen port 1
+//!   testpmd vuser port 0   ◄─p0.sock──► or testpmd io fwd ◄─p1.sock──► testpmd vuser port 1
 //! ```
 //!
 //! Every child is pinned before exec, keeps its stdin open (testpmd exits on EOF, gotcha
@@ -205,7 +206,28 @@ pub struct Programs {
     pub frontend_cpus: CpuSet,
     /// Extra EAL memory for each testpmd, in MiB (`-m`, with `--no-huge`).
     pub dpdk_mem_mb: u32,
+    /// How the `virtio_user` frontend makes its traffic.
+    pub vuser_mode: VuserMode,
 }
+
+/// How the `virtio_user` frontend (one testpmd, two ports, one lcore) makes its traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VuserMode {
+    /// `mac` forwarding after `--tx-first`: each port first sends one burst of
+    /// [`VUSER_BURST`] frames, then every frame received on one port is sent out of the other
+    /// with that port's MAC as source and the peer's as destination, like two real stations.
+    /// A closed loop of 2 × [`VUSER_BURST`] frames in flight.
+    #[default]
+    Mac,
+    /// testpmd `flowgen`: both ports send from the same fixed source MAC to a destination no
+    /// port owns (DPDK 22.11), so a learning switch sees the source flap between ports and
+    /// floods every frame. Kept to compare with older runs; not what stations do.
+    Flowgen,
+}
+
+/// Frames per burst of the `mac` mode, and so in flight per port: the ring size.
+pub const VUSER_BURST: usize = 256;
 
 /// A running backend with its two sockets.
 #[derive(Debug)]
@@ -345,9 +367,9 @@ pub fn testpmd_command(prog: &Programs) -> Command {
 pub const VUSER_MACS: [&str; 2] = ["52:54:00:00:be:11", "52:54:00:00:be:12"];
 
 /// The testpmd arguments of the `virtio_user` frontend (without the program name): ONE
-/// process with two `virtio_user` ports in `flowgen` mode on one lcore. flowgen receives a
-/// burst on a port and frees it, then generates a burst of `--txpkts=len` UDP frames to the
-/// other port's MAC: both directions at once, each frame crossing the backend.
+/// process with two `virtio_user` ports on one lcore, both directions at once, each frame
+/// crossing the backend, frames of `--txpkts=len` bytes. See [`VuserMode`] for the two ways
+/// it makes traffic.
 ///
 /// Why not txonly + rxonly as two processes: with one frontend CPU they are two busy pollers
 /// time-sliced by the scheduler; while one runs the other's ring sits full, and the
@@ -383,7 +405,14 @@ pub fn testpmd_vuser_args(
         ));
     }
     a.push("--".into());
-    a.push("--forward-mode=flowgen".into());
+    match prog.vuser_mode {
+        VuserMode::Mac => {
+            a.push("--forward-mode=mac".into());
+            a.push("--tx-first".into());
+            a.push(format!("--burst={VUSER_BURST}"));
+        }
+        VuserMode::Flowgen => a.push("--forward-mode=flowgen".into()),
+    }
     a.push(format!("--txpkts={len}"));
     a.push(format!("--eth-peer=0,{}", VUSER_MACS[1]));
     a.push(format!("--eth-peer=1,{}", VUSER_MACS[0]));
@@ -416,7 +445,7 @@ pub fn start_vuser(
     let mut cmd = testpmd_command(prog);
     cmd.args(testpmd_vuser_args(prog, &prefix, sockets, qps, len));
     Child::spawn(
-        "testpmd flowgen",
+        "testpmd virtio_user",
         cmd,
         prog.frontend_cpus,
         &log,
@@ -435,6 +464,7 @@ mod tests {
             backend_cpus: CpuSet::parse("1").unwrap(),
             frontend_cpus: CpuSet::parse("0").unwrap(),
             dpdk_mem_mb: 1024,
+            vuser_mode: VuserMode::Mac,
         }
     }
 
@@ -468,7 +498,17 @@ mod tests {
         );
         let a = testpmd_vuser_args(&p, "pre", &socks, 1, 64).join(" ");
         assert!(a.contains("--lcores 0@0,1@0"), "{a}");
-        assert!(a.contains("--forward-mode=flowgen --txpkts=64"), "{a}");
+        assert!(
+            a.contains("--forward-mode=mac --tx-first --burst=256 --txpkts=64"),
+            "{a}"
+        );
+        let flowgen = Programs {
+            vuser_mode: VuserMode::Flowgen,
+            ..p.clone()
+        };
+        let f = testpmd_vuser_args(&flowgen, "pre", &socks, 1, 64).join(" ");
+        assert!(f.contains("--forward-mode=flowgen --txpkts=64"), "{f}");
+        assert!(!f.contains("--tx-first"), "{f}");
         assert!(
             a.contains("net_virtio_user1,path=/d/p1.sock,mac=52:54:00:00:be:12"),
             "{a}"

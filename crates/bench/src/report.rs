@@ -219,7 +219,7 @@ struct ReportOut<'a> {
 
 fn fe_label(frontend: &str) -> String {
     if frontend == "virtio_user" {
-        "virtio_user flowgen, both ways".into()
+        "virtio_user (testpmd), both ways".into()
     } else {
         format!("{frontend}, A → B")
     }

@@ -21,7 +21,7 @@ pub enum Error {
     #[error(transparent)]
     Load(#[from] load::Error),
     /// testpmd printed no usable rate.
-    #[error("testpmd flowgen reported no traffic; last log lines:\n{0}")]
+    #[error("testpmd virtio_user reported no traffic; last log lines:\n{0}")]
     NoRate(String),
     /// Our driver received nothing in the window.
     #[error("No frame arrived in the window ({sent} sent); backend log:\n{log}")]
@@ -220,7 +220,7 @@ impl Plan {
         let mut fe = proc::start_vuser(p, dir, tag, &backend.sockets, qps, len)?;
         // testpmd start-up is slow on a loaded machine: wait for it rather than guess.
         wait_for_log(&mut fe, "packet forwarding - ports=", STARTUP)?;
-        // Run until flowgen has printed enough per-second samples with traffic: the warm-up,
+        // Run until testpmd has printed enough per-second samples with traffic: the warm-up,
         // the window, and one partial period that is dropped.
         let skip = self.warmup.as_secs_f64().ceil() as usize;
         let need = skip + self.secs.as_secs_f64().ceil() as usize + 1;
@@ -342,6 +342,7 @@ mod tests {
                 backend_cpus: CpuSet::parse("0").unwrap(),
                 frontend_cpus: CpuSet::parse("0").unwrap(),
                 dpdk_mem_mb: 256,
+                vuser_mode: crate::proc::VuserMode::Mac,
             },
             pairs: 1,
             warmup: Duration::ZERO,
