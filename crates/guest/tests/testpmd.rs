@@ -139,6 +139,25 @@ fn assert_macswapped(sent: &[u8], got: &[u8]) {
     assert_eq!(&got[12..], &sent[12..], "payload changed");
 }
 
+/// Send small frames until one comes back (both of testpmd's vrings are live: a frame sent
+/// before its RX vring is enabled is dropped by DPDK), then drain any late echoes.
+fn wait_echo_path(g: &mut Guest, pmd: &Testpmd) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let f = frame(B, A, 60, 0xee);
+    loop {
+        g.send(0, &NetHdr::NONE, &f).unwrap();
+        if g.recv(0, Duration::from_millis(500)).unwrap().is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "testpmd never echoed a frame\n{}",
+            pmd.log_text()
+        );
+    }
+    while g.recv(0, Duration::from_millis(200)).unwrap().is_some() {}
+}
+
 fn features_for_testpmd() -> u64 {
     // DPDK's vhost library leaves the control queue to the VMM, so don't ask for it.
     DEFAULT_FEATURES & !(F_CTRL_VQ | F_MQ | F_CTRL_RX)
@@ -162,7 +181,7 @@ fn echo_round_trip(name: &str, cfg: GuestConfig) {
         let f = frame(B, A, *len, i as u8);
         g.send(0, &NetHdr::NONE, &f).unwrap();
         let r = g
-            .recv(0, Duration::from_secs(5))
+            .recv(0, Duration::from_secs(20))
             .unwrap()
             .unwrap_or_else(|| panic!("no echo for frame {i}\n{}", pmd.log_text()));
         assert_macswapped(&f, &r.frame);
@@ -282,6 +301,7 @@ fn testpmd_gso_frame_and_mergeable_rx() {
         "testpmd tso=1 should offer TSO: {:#x}",
         g.offered_features()
     );
+    wait_echo_path(&mut g, &pmd);
     let len = 20_000usize;
     let mut f = frame(B, A, len, 7);
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
@@ -319,7 +339,7 @@ fn testpmd_gso_frame_and_mergeable_rx() {
     };
     g.send(0, &hdr, &f).unwrap();
     let r = g
-        .recv(0, Duration::from_secs(5))
+        .recv(0, Duration::from_secs(20))
         .unwrap()
         .unwrap_or_else(|| panic!("no echo\n{}", pmd.log_text()));
     assert_eq!(r.frame.len(), len, "the GSO frame was not kept whole");
@@ -369,7 +389,7 @@ fn testpmd_raw_chains() {
         assert_eq!(q.num_free(), q.size());
     }
     let r = g
-        .recv(0, Duration::from_secs(5))
+        .recv(0, Duration::from_secs(20))
         .unwrap()
         .unwrap_or_else(|| panic!("no echo of the raw chain\n{}", pmd.log_text()));
     assert_macswapped(&f, &r.frame);
@@ -417,7 +437,7 @@ fn testpmd_two_queue_pairs() {
         g.send(qp, &NetHdr::NONE, &f).unwrap();
         // testpmd macswap forwards RX queue n to TX queue n.
         let r = g
-            .recv(qp, Duration::from_secs(5))
+            .recv(qp, Duration::from_secs(20))
             .unwrap()
             .unwrap_or_else(|| panic!("no echo on pair {qp}\n{}", pmd.log_text()));
         assert_macswapped(&f, &r.frame);
