@@ -112,8 +112,9 @@ pub struct TxBatch {
     /// with this batch's timestamp, so frames of the same flow skip `Fdb::learn`.
     learned: Option<(u16, MacAddr, PortId, u64)>,
     /// The last unicast (VLAN, destination MAC) looked up in this batch, its port (`None`:
-    /// unknown, flooded) and the clock then. A destination learned later in the batch is
-    /// flooded to until the next batch, which reaches it as well.
+    /// unknown, flooded) and the clock then. A station learned or moved by this batch clears
+    /// it; one learned meanwhile by another port's batch is flooded to until the next batch
+    /// (flooding reaches it as well).
     looked_up: Option<(u16, MacAddr, Option<PortId>, u64)>,
     /// Frames and bytes received from one ingress port, not yet added to its counters.
     rx_acc: Acc,
@@ -630,6 +631,26 @@ mod tests {
         assert_eq!(s0.rx_frames, 2);
         assert_eq!(s0.flooded, 1);
         assert_eq!(s0.tx_frames, 1);
+    }
+
+    #[test]
+    fn unknown_destination_is_remembered_until_a_station_is_learned_in_the_batch() {
+        let (sw, p) = setup(3);
+        let (b0, b1) = (eth(mac(9), mac(1)), eth([0xff; 6], mac(9)));
+        let mut b = sw.new_batch();
+        sw.begin(&mut b);
+        // mac(9) unknown: flooded, twice (the second from the batch's memory).
+        sw.forward(&mut b, p[0].0, &SliceFrame(&b0), &NetHdr::NONE);
+        sw.forward(&mut b, p[0].0, &SliceFrame(&b0), &NetHdr::NONE);
+        // mac(9) turns out to live behind p0 itself (a broadcast: no lookup of its own).
+        sw.forward(&mut b, p[0].0, &SliceFrame(&b1), &NetHdr::NONE);
+        // The remembered "unknown" is gone: this is a hairpin now, not a flood.
+        sw.forward(&mut b, p[0].0, &SliceFrame(&b0), &NetHdr::NONE);
+        sw.end(&mut b);
+        assert_eq!((count(&p[1].1), count(&p[2].1)), (3, 3));
+        let s0 = sw.port_stats(p[0].0).unwrap().snapshot();
+        assert_eq!(s0.flooded, 3);
+        assert_eq!(s0.drop_count(DropReason::Hairpin), 1);
     }
 
     #[test]
