@@ -166,10 +166,9 @@ fn main() -> anyhow::Result<()> {
             ),
             "guest: one thread runs sender (send_batch 64) and receiver (drain_with 256) of two virtnet_guest::Guest".into(),
             match plan.programs.vuser_mode {
-                virtnet_bench::proc::VuserMode::Mac => "virtio_user: ONE testpmd with two virtio_user ports, --tx-first then mac forwarding (a burst of 256 --txpkts frames per port, then every frame received on one port is sent out of the other, source = that port's MAC, destination = the other's): BIDIRECTIONAL closed loop, rate = median over periods of the sum of both ports' Rx-pps (txonly+rxonly as two processes on one CPU measured the scheduler, ~10 kpps)",
-                virtnet_bench::proc::VuserMode::Flowgen => "virtio_user: ONE testpmd with two virtio_user ports in flowgen mode (rx+free, then generate --txpkts frames; DPDK 22.11 uses one fixed source MAC for both ports and a destination no port owns, so virtnet floods every frame): BIDIRECTIONAL, rate = median over periods of the sum of both ports' Rx-pps",
-            }
-            .into(),
+                virtnet_bench::proc::VuserMode::Mac => format!("virtio_user: ONE testpmd with two virtio_user ports, --tx-first then mac forwarding (a burst of {} --txpkts frames per port, then every frame received on one port is sent out of the other, source = that port's MAC, destination = the other's): BIDIRECTIONAL closed loop, rate = median over periods of the sum of both ports' Rx-pps (txonly+rxonly as two processes on one CPU measured the scheduler, ~10 kpps)", virtnet_bench::proc::VUSER_BURST),
+                virtnet_bench::proc::VuserMode::Flowgen => "virtio_user: ONE testpmd with two virtio_user ports in flowgen mode (rx+free, then generate --txpkts frames; DPDK 22.11 uses one fixed source MAC for both ports and a destination no port owns, so virtnet floods every frame): BIDIRECTIONAL, rate = median over periods of the sum of both ports' Rx-pps".into(),
+            },
             "rates are delivered frames at the receiver; ratio = median(virtnet)/median(DPDK) within this run; c2c = frontend<->backend CPU cache-line round trip and wake = blocking wake-up round trip (unix socket ping-pong), both measured before each pair".into(),
         ],
         points: Vec::new(),

@@ -211,8 +211,7 @@ pub struct Programs {
 }
 
 /// How the `virtio_user` frontend (one testpmd, two ports, one lcore) makes its traffic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum VuserMode {
     /// `mac` forwarding after `--tx-first`: each port first sends one burst of
     /// [`VUSER_BURST`] frames, then every frame received on one port is sent out of the other

@@ -423,7 +423,6 @@ fn walk<'m, S: ChainSink<'m>>(
     max_total: usize,
     out: &mut S,
 ) -> std::result::Result<usize, Stop> {
-    let direct = desc.slice.as_ref();
     let mut table = desc.addr;
     let mut table_len = u32::from(desc.size);
     let mut idx = u32::from(head);
@@ -443,10 +442,10 @@ fn walk<'m, S: ChainSink<'m>>(
             .checked_add(u64::from(idx) * 16)
             .ok_or(DropReason::BadAddress)?;
         // Two 8-byte loads per descriptor: { addr le64 } { len le32, flags le16, next le16 }.
-        let d = match direct
+        let d = match u16::try_from(idx)
+            .ok()
             .filter(|_| !indirect)
-            // idx < queue size: in the table.
-            .and_then(|t| RawDesc::load_at(t, idx as usize * 16))
+            .and_then(|i| desc.get(i))
             .or_else(|| cache.slice(at, 16).and_then(|s| RawDesc::load_at(&s, 0)))
         {
             Some(d) => d,
@@ -660,11 +659,7 @@ pub fn lone_read_segs<'m>(
     max_total: usize,
     out: &mut Segs<'m>,
 ) -> Option<usize> {
-    let t = table.slice.as_ref()?;
-    if head >= table.size {
-        return None;
-    }
-    let d = RawDesc::load_at(t, usize::from(head) * 16)?;
+    let d = table.get(head)?;
     let len = d.len() as usize;
     if d.flags() != 0 || len == 0 || len > max_total {
         return None;
@@ -695,6 +690,16 @@ pub fn prefetch(s: &VolatileSlice<'_>) {
 }
 
 impl DescTable<'_> {
+    /// Descriptor `idx`, when the table lies in one region and `idx` is in it (else `None`:
+    /// the walk reads it through the [`RegionCache`], or reports it).
+    #[inline]
+    fn get(&self, idx: u16) -> Option<RawDesc> {
+        if idx >= self.size {
+            return None;
+        }
+        RawDesc::load_at(self.slice.as_ref()?, usize::from(idx) * 16)
+    }
+
     /// Prefetch descriptor `head` (when the table lies in one region).
     #[inline]
     pub fn prefetch_desc(&self, head: u16) {
@@ -711,11 +716,8 @@ impl DescTable<'_> {
     /// virtio header and the Ethernet header. Anything odd is left to the real walk.
     #[inline]
     pub fn prefetch_buffer(&self, cache: &RegionCache<'_>, head: u16) {
-        let Some(t) = self.slice.as_ref() else { return };
-        if head >= self.size {
-            return;
-        }
-        if let Some(b) = RawDesc::load_at(t, usize::from(head) * 16)
+        if let Some(b) = self
+            .get(head)
             .filter(|d| u32::from(d.flags()) & VRING_DESC_F_INDIRECT == 0 && d.len() > 0)
             .and_then(|d| cache.slice(d.addr(), 1))
         {
@@ -752,16 +754,11 @@ pub fn walk_chain_segs<'m>(
 #[inline]
 pub fn lone_write_buffer<'a>(
     cache: &RegionCache<'a>,
-    desc_table: u64,
-    size: u16,
+    table: &DescTable<'a>,
     head: u16,
     need: usize,
 ) -> Option<VolatileSlice<'a>> {
-    if head >= size {
-        return None;
-    }
-    let at = desc_table.checked_add(u64::from(head) * 16)?;
-    let d = RawDesc::load_at(&cache.slice(at, 16)?, 0)?;
+    let d = table.get(head)?;
     if u32::from(d.flags()) != VRING_DESC_F_WRITE || (d.len() as usize) < need || need == 0 {
         return None;
     }

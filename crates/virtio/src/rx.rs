@@ -51,7 +51,7 @@ use virtnet_switch::{DropReason, Frame, MacAddr, NetHdr, OffloadCaps, PortSink};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::ctrl::RxFilter;
-use crate::desc::{self, AvailCursor, Dir, Piece, RegionCache};
+use crate::desc::{self, AvailCursor, DescTable, Dir, Piece, RegionCache};
 use crate::virtio_net::{emit_hdr, Negotiated, MAX_FRAME_LEN};
 
 /// Guest memory as the vhost-user backend sees it.
@@ -265,7 +265,8 @@ impl RxRing {
             if let Some(head) = first_head {
                 // Fast path: the first chain is one writable descriptor that holds the whole
                 // frame (no chain walk, no piece list).
-                if let Some(buf) = desc::lone_write_buffer(cache, desc_table, size, head, need) {
+                let table = DescTable::new(cache, queue);
+                if let Some(buf) = desc::lone_write_buffer(cache, &table, head, need) {
                     if self.burst_avail.is_some() {
                         self.burst_avail = Some(Some(avail.idx()));
                     }

@@ -414,6 +414,18 @@ pub(crate) mod tests {
         }
     }
 
+    /// A TCPv4 GSO header with a partial checksum, as Linux sends (Ethernet + IPv4 + TCP).
+    fn tso4() -> NetHdr {
+        NetHdr {
+            flags: 1,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        }
+    }
+
     fn put_hdr(mem: &GuestMemoryMmap, at: u64, h: &NetHdr) {
         mem.write_slice(&crate::virtio_net::emit_hdr(h, 0), GuestAddress(at))
             .unwrap();
@@ -575,14 +587,7 @@ pub(crate) mod tests {
     fn gso_frame_passes_with_header() {
         let mem = test_mem();
         let mut d = Driver::new(&mem, 16);
-        let h = NetHdr {
-            flags: 1,
-            gso_type: GSO_TCPV4,
-            hdr_len: 54,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-        };
+        let h = tso4();
         put_hdr(&mem, 0x10_0000, &h);
         let f = eth(65_000, 2, 1);
         mem.write_slice(&f, GuestAddress(0x10_000c)).unwrap();
@@ -673,14 +678,7 @@ pub(crate) mod tests {
     fn parse_paths_agree() {
         let mem = test_mem();
         let mut d = Driver::new(&mem, 16);
-        let tso = NetHdr {
-            flags: 1,
-            gso_type: GSO_TCPV4,
-            hdr_len: 54,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-        };
+        let tso = tso4();
         put_hdr(&mem, 0x10_0000, &tso);
         mem.write_slice(&eth(3000, 2, 1), GuestAddress(0x10_000c))
             .unwrap();
