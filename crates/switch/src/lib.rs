@@ -8,6 +8,9 @@
 //!   ingress port worker                       destination ports
 //!   ───────────────────                       ─────────────────
 //!   drain a batch of frames ──► Switch::forward(batch, ingress, &frame, &hdr)
+//!                               (or forward_burst(batch, ingress, &frames, &hdrs): the same
+//!                                per frame, and a run of frames for one port goes to its
+//!                                PortSink::deliver_burst in one call)
 //!                                 │  parse Ethernet header (stack copy of 18 bytes)
 //!                                 │  learn (vlan, src MAC) → ingress  (FDB, ageing)
 //!                                 │  look up (vlan, dst MAC):
@@ -42,4 +45,4 @@ pub mod switch;
 pub use frame::{EthernetFrame, Frame, MacAddr, Segment, SliceFrame};
 pub use hdr::{NetHdr, OffloadCaps};
 pub use stats::{DropReason, PortStats, PortStatsSnapshot};
-pub use switch::{PortConfig, PortId, PortSink, Switch, SwitchConfig, TxBatch};
+pub use switch::{PortConfig, PortId, PortSink, Switch, SwitchConfig, TxBatch, MAX_BURST};

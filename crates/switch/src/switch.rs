@@ -7,9 +7,26 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::fdb::{Fdb, Learn};
-use crate::frame::{EthernetFrame, Frame, MacAddr, ETHERTYPE_VLAN, ETH_VLAN_HEADER_LEN};
+use crate::frame::{
+    EthernetFrame, Frame, MacAddr, SliceFrame, ETHERTYPE_VLAN, ETH_VLAN_HEADER_LEN,
+};
 use crate::hdr::NetHdr;
 use crate::stats::{DropReason, PortStats, PortStatsSnapshot};
+
+/// Most frames one [`Switch::forward_burst`] call hands a sink at once
+/// ([`PortSink::deliver_burst`]); longer runs are split.
+pub const MAX_BURST: usize = 64;
+
+/// Where [`Switch::route`] sends one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// Dropped (already counted at the ingress port).
+    Drop,
+    /// Known unicast: the port at this index of the table.
+    Port(usize),
+    /// Broadcast, multicast or unknown unicast: every other port of this VLAN.
+    Flood(u16),
+}
 
 /// A port's handle on its switch. Stable for the port's lifetime; reused after removal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -24,6 +41,22 @@ pub struct PortId(pub u32);
 pub trait PortSink: Send + Sync {
     /// Copy one frame into the port. An error is counted against the port as a drop.
     fn deliver(&self, frame: &dyn Frame, hdr: &NetHdr) -> Result<(), DropReason>;
+
+    /// Copy a run of frames into the port, in order, as consecutive [`PortSink::deliver`]
+    /// calls would: `out[i]` gets frame `i`'s result (`frames`, `hdrs` and `out` have the same
+    /// length, at most [`MAX_BURST`]). A sink overrides this to pay its per-call costs (locks,
+    /// ring state, memory translation) once per run instead of once per frame. Default: one
+    /// `deliver` per frame.
+    fn deliver_burst(
+        &self,
+        frames: &[&dyn Frame],
+        hdrs: &[NetHdr],
+        out: &mut [Result<(), DropReason>],
+    ) {
+        for ((f, h), o) in frames.iter().zip(hdrs).zip(out.iter_mut()) {
+            *o = self.deliver(*f, h);
+        }
+    }
 
     /// Publish what `deliver` wrote since the last flush and notify the other side.
     fn flush(&self) {}
@@ -136,12 +169,17 @@ struct Acc {
 impl Acc {
     #[inline]
     fn add(&mut self, table: &PortTable, port: usize, bytes: usize, rx: bool) {
+        self.add_n(table, port, 1, bytes as u64, rx);
+    }
+
+    #[inline]
+    fn add_n(&mut self, table: &PortTable, port: usize, frames: u64, bytes: u64, rx: bool) {
         if self.frames != 0 && self.port != port {
             self.flush(table, rx);
         }
         self.port = port;
-        self.frames += 1;
-        self.bytes += bytes as u64;
+        self.frames += frames;
+        self.bytes += bytes;
     }
 
     fn flush(&mut self, table: &PortTable, rx: bool) {
@@ -171,6 +209,124 @@ impl TxBatch {
     /// Override the batch clock (seconds since the switch started); for tests of ageing.
     pub fn set_now(&mut self, now: u64) {
         self.now = now;
+    }
+}
+
+/// The parts of a [`TxBatch`] that deciding a frame's route reads and updates.
+struct BatchState<'b> {
+    now: u64,
+    learned: &'b mut Option<(u16, MacAddr, PortId, u64)>,
+    looked_up: &'b mut Option<(u16, MacAddr, Option<PortId>, u64)>,
+    rx_acc: &'b mut Acc,
+}
+
+/// The parts of a [`TxBatch`] that delivering frames updates, with its port table.
+struct Out<'b> {
+    table: &'b PortTable,
+    touched: &'b mut Vec<u64>,
+    tx_acc: &'b mut Acc,
+    open: &'b mut Option<usize>,
+}
+
+impl TxBatch {
+    fn split(&mut self) -> (BatchState<'_>, Out<'_>) {
+        (
+            BatchState {
+                now: self.now,
+                learned: &mut self.learned,
+                looked_up: &mut self.looked_up,
+                rx_acc: &mut self.rx_acc,
+            },
+            Out {
+                table: &self.table,
+                touched: &mut self.touched,
+                tx_acc: &mut self.tx_acc,
+                open: &mut self.open,
+            },
+        )
+    }
+}
+
+impl Out<'_> {
+    /// Make port `i` the open one, releasing the one open before.
+    #[inline]
+    fn open(&mut self, i: usize) {
+        if *self.open != Some(i) {
+            Switch::release_open(self.table, self.open);
+            *self.open = Some(i);
+        }
+    }
+
+    fn deliver_to(&mut self, d: &PortEntry, frame: &dyn Frame, hdr: &NetHdr) {
+        let i = d.id.0 as usize;
+        self.open(i);
+        match d.sink.deliver(frame, hdr) {
+            Ok(()) => {
+                self.tx_acc.add(self.table, i, frame.len(), false);
+                TxBatch::touch(self.touched, d.id);
+            }
+            Err(reason) => d.stats.count_drop(reason),
+        }
+    }
+
+    /// Deliver to the port at index `i` of the table.
+    fn deliver_index(&mut self, i: usize, frame: &dyn Frame, hdr: &NetHdr) {
+        if let Some(Some(d)) = self.table.ports.get(i) {
+            self.deliver_to(d, frame, hdr);
+        }
+    }
+
+    /// Deliver to every port of `vlan` but the ingress.
+    fn flood(
+        &mut self,
+        ingress: PortId,
+        src: &PortEntry,
+        vlan: u16,
+        frame: &dyn Frame,
+        hdr: &NetHdr,
+    ) {
+        src.stats.count_flood();
+        let table = self.table;
+        for d in table.ports.iter().flatten() {
+            if d.id != ingress && d.vlan == vlan {
+                self.deliver_to(d, frame, hdr);
+            }
+        }
+    }
+
+    /// Deliver a run of at most [`MAX_BURST`] frames to the port at index `i`.
+    fn deliver_run<F: Frame>(&mut self, i: usize, frames: &[F], hdrs: &[NetHdr]) {
+        let table = self.table;
+        let Some(Some(d)) = table.ports.get(i) else {
+            return;
+        };
+        if let ([f], [h]) = (frames, hdrs) {
+            self.deliver_to(d, f, h);
+            return;
+        }
+        self.open(i);
+        let n = frames.len().min(hdrs.len()).min(MAX_BURST);
+        const NONE: SliceFrame<'static> = SliceFrame(&[]);
+        let mut refs: [&dyn Frame; MAX_BURST] = [&NONE; MAX_BURST];
+        for (r, f) in refs.iter_mut().zip(frames) {
+            *r = f;
+        }
+        let mut res = [Ok(()); MAX_BURST];
+        d.sink.deliver_burst(&refs[..n], &hdrs[..n], &mut res[..n]);
+        let (mut sent, mut bytes) = (0u64, 0u64);
+        for (f, r) in frames.iter().zip(&res[..n]) {
+            match r {
+                Ok(()) => {
+                    sent += 1;
+                    bytes += f.len() as u64;
+                }
+                Err(reason) => d.stats.count_drop(*reason),
+            }
+        }
+        if sent > 0 {
+            self.tx_acc.add_n(table, i, sent, bytes, false);
+            TxBatch::touch(self.touched, d.id);
+        }
     }
 }
 
@@ -345,49 +501,100 @@ impl Switch {
     /// Switch one frame that arrived on `ingress`. Delivery happens before this returns;
     /// notifications wait for [`Switch::end`].
     pub fn forward(&self, batch: &mut TxBatch, ingress: PortId, frame: &dyn Frame, hdr: &NetHdr) {
-        let TxBatch {
-            table,
-            now,
-            touched,
-            learned,
-            looked_up,
-            rx_acc,
-            tx_acc,
-            open,
-            ..
-        } = batch;
-        let now = *now;
-        let Some(Some(src)) = table.ports.get(ingress.0 as usize) else {
+        let (mut st, mut out) = batch.split();
+        let Some(Some(src)) = out.table.ports.get(ingress.0 as usize) else {
             return;
         };
-        let len = frame.len();
-        rx_acc.add(table, ingress.0 as usize, len, true);
+        st.rx_acc
+            .add(out.table, ingress.0 as usize, frame.len(), true);
+        match self.route(&mut st, out.table, ingress, src, frame) {
+            Route::Drop => {}
+            Route::Port(d) => out.deliver_index(d, frame, hdr),
+            Route::Flood(vlan) => out.flood(ingress, src, vlan, frame, hdr),
+        }
+    }
 
+    /// Switch a burst of frames that arrived on `ingress`, in order: what [`Switch::forward`]
+    /// does for each, except that consecutive frames for one known destination reach its sink
+    /// in one [`PortSink::deliver_burst`] call (runs of up to [`MAX_BURST`]). A port still sees
+    /// its frames in the order they arrived, floods included. `frames` and `hdrs` pair up; the
+    /// extra entries of the longer one are ignored.
+    pub fn forward_burst<F: Frame>(
+        &self,
+        batch: &mut TxBatch,
+        ingress: PortId,
+        frames: &[F],
+        hdrs: &[NetHdr],
+    ) {
+        let (mut st, mut out) = batch.split();
+        let Some(Some(src)) = out.table.ports.get(ingress.0 as usize) else {
+            return;
+        };
+        let n = frames.len().min(hdrs.len());
+        let (frames, hdrs) = (&frames[..n], &hdrs[..n]);
+        // The run being collected: its destination and first frame.
+        let mut run: Option<(usize, usize)> = None;
+        let mut bytes = 0u64;
+        for (i, frame) in frames.iter().enumerate() {
+            bytes += frame.len() as u64;
+            let route = self.route(&mut st, out.table, ingress, src, frame);
+            if let (Route::Port(d), Some((rd, start))) = (route, run) {
+                if d == rd && i - start < MAX_BURST {
+                    continue;
+                }
+            }
+            if let Some((rd, start)) = run.take() {
+                out.deliver_run(rd, &frames[start..i], &hdrs[start..i]);
+            }
+            match route {
+                Route::Drop => {}
+                Route::Port(d) => run = Some((d, i)),
+                Route::Flood(vlan) => out.flood(ingress, src, vlan, frame, &hdrs[i]),
+            }
+        }
+        if let Some((rd, start)) = run {
+            out.deliver_run(rd, &frames[start..], &hdrs[start..]);
+        }
+        st.rx_acc
+            .add_n(out.table, ingress.0 as usize, n as u64, bytes, true);
+    }
+
+    /// Learn the frame's source and decide where it goes; drops are counted on `src`.
+    #[inline]
+    fn route(
+        &self,
+        st: &mut BatchState<'_>,
+        table: &PortTable,
+        ingress: PortId,
+        src: &PortEntry,
+        frame: &dyn Frame,
+    ) -> Route {
+        let now = st.now;
         let mut head = [0u8; ETH_VLAN_HEADER_LEN];
         let got = frame.read_at(0, &mut head);
         let Ok(eth) = EthernetFrame::new_checked(&head[..got]) else {
             src.stats.count_drop(DropReason::FrameTooShort);
-            return;
+            return Route::Drop;
         };
         let src_mac = eth.src();
         if !src_mac.is_unicast() {
             src.stats.count_drop(DropReason::BadSourceMac);
-            return;
+            return Route::Drop;
         }
         if eth.ethertype() == ETHERTYPE_VLAN {
             // Access ports carry untagged frames only.
             src.stats.count_drop(DropReason::VlanFiltered);
-            return;
+            return Route::Drop;
         }
         let vlan = src.vlan;
         let key = (vlan, src_mac, ingress, now);
-        if *learned != Some(key) {
+        if *st.learned != Some(key) {
             match self.fdb.learn(vlan, src_mac, ingress, now) {
-                Learn::Known => *learned = Some(key),
+                Learn::Known => *st.learned = Some(key),
                 Learn::Learned => {
-                    *learned = Some(key);
+                    *st.learned = Some(key);
                     // A new or moved station: what this batch looked up may be stale.
-                    *looked_up = None;
+                    *st.looked_up = None;
                 }
                 // Not fatal: the frame still goes out, it just cannot be answered by unicast.
                 Learn::Limited => {}
@@ -396,56 +603,28 @@ impl Switch {
 
         let dst_mac = eth.dst();
         if !dst_mac.is_multicast() {
-            let dst = match *looked_up {
+            let dst = match *st.looked_up {
                 Some((v, m, p, t)) if v == vlan && m == dst_mac && t == now => p,
                 _ => {
                     let p = self.fdb.lookup(vlan, dst_mac, now);
-                    *looked_up = Some((vlan, dst_mac, p, now));
+                    *st.looked_up = Some((vlan, dst_mac, p, now));
                     p
                 }
             };
             if let Some(dst) = dst {
                 if dst == ingress {
                     src.stats.count_drop(DropReason::Hairpin);
-                    return;
+                    return Route::Drop;
                 }
-                if let Some(Some(d)) = table.ports.get(dst.0 as usize) {
+                let i = dst.0 as usize;
+                if let Some(Some(d)) = table.ports.get(i) {
                     if d.vlan == vlan {
-                        Self::deliver_to(touched, tx_acc, open, table, d, frame, hdr);
-                        return;
+                        return Route::Port(i);
                     }
                 }
             }
         }
-        src.stats.count_flood();
-        for d in table.ports.iter().flatten() {
-            if d.id != ingress && d.vlan == vlan {
-                Self::deliver_to(touched, tx_acc, open, table, d, frame, hdr);
-            }
-        }
-    }
-
-    fn deliver_to(
-        touched: &mut Vec<u64>,
-        tx_acc: &mut Acc,
-        open: &mut Option<usize>,
-        table: &PortTable,
-        d: &PortEntry,
-        frame: &dyn Frame,
-        hdr: &NetHdr,
-    ) {
-        let i = d.id.0 as usize;
-        if *open != Some(i) {
-            Self::release_open(table, open);
-            *open = Some(i);
-        }
-        match d.sink.deliver(frame, hdr) {
-            Ok(()) => {
-                tx_acc.add(table, d.id.0 as usize, frame.len(), false);
-                TxBatch::touch(touched, d.id);
-            }
-            Err(reason) => d.stats.count_drop(reason),
-        }
+        Route::Flood(vlan)
     }
 
     /// Inject a frame from outside any port (services answering on behalf of the network):
@@ -457,17 +636,10 @@ impl Switch {
         frame: &dyn Frame,
         hdr: &NetHdr,
     ) -> bool {
-        match batch.table.ports.get(dst.0 as usize) {
+        let (_, mut out) = batch.split();
+        match out.table.ports.get(dst.0 as usize) {
             Some(Some(d)) => {
-                Self::deliver_to(
-                    &mut batch.touched,
-                    &mut batch.tx_acc,
-                    &mut batch.open,
-                    &batch.table,
-                    d,
-                    frame,
-                    hdr,
-                );
+                out.deliver_to(d, frame, hdr);
                 true
             }
             _ => false,
@@ -525,7 +697,6 @@ impl std::fmt::Debug for Switch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::SliceFrame;
     use std::sync::atomic::AtomicUsize;
 
     /// A sink that records frames into a preallocated log.
@@ -560,6 +731,17 @@ mod tests {
             frame.read_at(0, &mut v);
             self.frames.lock().unwrap().push(v);
             Ok(())
+        }
+        fn deliver_burst(
+            &self,
+            frames: &[&dyn Frame],
+            hdrs: &[NetHdr],
+            out: &mut [Result<(), DropReason>],
+        ) {
+            self.event('B');
+            for ((f, h), o) in frames.iter().zip(hdrs).zip(out.iter_mut()) {
+                *o = self.deliver(*f, h);
+            }
         }
         fn flush(&self) {
             self.event('f');
@@ -885,5 +1067,112 @@ mod tests {
         assert_eq!(f.releases.load(Ordering::Relaxed), 3);
         assert_eq!(b.flushes.load(Ordering::Relaxed), 3);
         assert_eq!(c.releases.load(Ordering::Relaxed), 3);
+    }
+
+    /// Forward `frames` from `from` as one burst in one batch.
+    fn send_burst(sw: &Switch, from: PortId, frames: &[Vec<u8>]) {
+        let views: Vec<SliceFrame<'_>> = frames.iter().map(|f| SliceFrame(f)).collect();
+        let hdrs = vec![NetHdr::NONE; frames.len()];
+        let mut b = sw.new_batch();
+        sw.begin(&mut b);
+        sw.forward_burst(&mut b, from, &views, &hdrs);
+        sw.end(&mut b);
+    }
+
+    #[test]
+    fn bursts_go_out_in_runs_and_in_order() {
+        let sw = Switch::new(SwitchConfig::default());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mk = |tag: u8| {
+            let r = Arc::new(Recorder {
+                log: Some((tag, log.clone())),
+                ..Default::default()
+            });
+            (sw.add_port(PortConfig::default(), r.clone()), r)
+        };
+        let (pa, a) = mk(0);
+        let (pb, b) = mk(1);
+        let (pc, c) = mk(2);
+        send(&sw, pb, &eth(mac(1), mac(2)));
+        send(&sw, pc, &eth(mac(1), mac(3)));
+        log.lock().unwrap().clear();
+        let tagged = |dst: [u8; 6], n: u8| {
+            let mut f = eth(dst, mac(1));
+            f[20] = n;
+            f
+        };
+        let burst = vec![
+            tagged(mac(2), 0),
+            tagged(mac(2), 1),
+            tagged([0xff; 6], 2),
+            tagged(mac(2), 3),
+            tagged(mac(3), 4),
+            tagged(mac(3), 5),
+            eth(mac(2), [0xff; 6]), // bad source: dropped, ends the run
+            tagged(mac(3), 7),
+        ];
+        send_burst(&sw, pa, &burst);
+        let got = std::mem::take(&mut *log.lock().unwrap());
+        assert_eq!(
+            got,
+            vec![
+                (1, 'B'),
+                (1, 'd'),
+                (1, 'd'),
+                // The broadcast: B is still open, then C.
+                (1, 'd'),
+                (1, 'r'),
+                (2, 'd'),
+                // A run of one is a plain delivery.
+                (2, 'r'),
+                (1, 'd'),
+                (1, 'r'),
+                (2, 'B'),
+                (2, 'd'),
+                (2, 'd'),
+                (2, 'd'),
+                (2, 'f'),
+                (2, 'r'),
+                (1, 'f'),
+            ]
+        );
+        let order =
+            |r: &Recorder| -> Vec<u8> { r.frames.lock().unwrap().iter().map(|f| f[20]).collect() };
+        assert_eq!(order(&b)[1..], [0, 1, 2, 3]);
+        assert_eq!(order(&c)[1..], [2, 4, 5, 7]);
+        assert_eq!(count(&a), 2, "A heard only the two announcements");
+        let st = sw.port_stats(pa).unwrap().snapshot();
+        assert_eq!(st.rx_frames, 8);
+        assert_eq!(st.drop_count(DropReason::BadSourceMac), 1);
+        assert_eq!(sw.port_stats(pb).unwrap().snapshot().tx_frames, 4 + 1);
+        assert_eq!(sw.port_stats(pc).unwrap().snapshot().tx_frames, 4 + 1);
+    }
+
+    #[test]
+    fn long_runs_are_split_and_failed_frames_counted() {
+        let sw = Switch::new(SwitchConfig::default());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let a = sw.add_port(PortConfig::default(), Arc::new(Recorder::default()));
+        let full = Arc::new(Recorder {
+            fail: Some(DropReason::NoRxBuffers),
+            log: Some((1, log.clone())),
+            ..Default::default()
+        });
+        let pf = sw.add_port(PortConfig::default(), full.clone());
+        send(&sw, pf, &eth(mac(1), mac(2)));
+        log.lock().unwrap().clear();
+        let frames = vec![eth(mac(2), mac(1)); 2 * MAX_BURST + 22];
+        send_burst(&sw, a, &frames);
+        let got = std::mem::take(&mut *log.lock().unwrap());
+        assert_eq!(got.iter().filter(|e| e.1 == 'B').count(), 3);
+        assert_eq!(got.iter().filter(|e| e.1 == 'd').count(), frames.len());
+        assert_eq!(
+            got.iter().filter(|e| e.1 == 'f').count(),
+            0,
+            "nothing delivered"
+        );
+        let st = sw.port_stats(pf).unwrap().snapshot();
+        assert_eq!(st.drop_count(DropReason::NoRxBuffers), frames.len() as u64);
+        assert_eq!(st.tx_frames, 0);
     }
 }

@@ -570,6 +570,21 @@ impl<'m> Segs<'m> {
         None
     }
 
+    /// When the chain was one range: the bytes after its first `skip` as a [`Frame`] that does
+    /// not borrow `self` (so it can be kept while `self` collects the next chain).
+    #[inline]
+    pub fn lone_frame_after(&self, skip: usize) -> Option<SegFrame<'m, 'm>> {
+        if self.n != 1 {
+            return None;
+        }
+        let first = self.buf[0].offset(skip).ok()?;
+        Some(SegFrame {
+            len: first.len(),
+            first,
+            rest: &[],
+        })
+    }
+
     /// The bytes after the first `skip` (the virtio header) as a [`Frame`]: empty when
     /// there are no more than `skip`.
     pub fn frame_after(&self, skip: usize) -> SegFrame<'_, 'm> {
@@ -989,6 +1004,17 @@ pub struct SegFrame<'s, 'm> {
     first: VolatileSlice<'m>,
     rest: &'s [VolatileSlice<'m>],
     len: usize,
+}
+
+impl SegFrame<'_, '_> {
+    /// An empty frame (a placeholder in arrays).
+    pub fn empty() -> Self {
+        SegFrame {
+            first: empty_slice(),
+            rest: &[],
+            len: 0,
+        }
+    }
 }
 
 impl Frame for SegFrame<'_, '_> {

@@ -18,6 +18,13 @@
 //!                                            unlock
 //! ```
 //!
+//! **Runs.** `RxSink::deliver_burst` (the switch's `PortSink::deliver_burst`, a run of frames
+//! for this port) does the same for all of them with one thread-local lookup, one memory
+//! translation set-up and one descriptor table view; with one queue pair in use, inside a
+//! burst whose avail index is known, frames whose next chain is one writable descriptor are
+//! written back to back with no per-frame set-up (`RxRing::write_lone_run`); the first frame
+//! that needs anything else takes the path above.
+//!
 //! **Bursts and lock order.** A switch batch delivers to one port after another, usually many
 //! frames in a row to the same one. The first delivery of such a run locks the RX queue and the
 //! lock is kept, in a thread-local slot, until the switch moves to another port
@@ -176,6 +183,54 @@ impl RxEngine {
         frame: &dyn Frame,
         hdr: &NetHdr,
     ) -> Result<(), DropReason> {
+        let cache = RegionCache::new(mem);
+        let table = DescTable::new(&cache, queue);
+        self.deliver_in(&cache, &table, queue, frame, hdr)
+    }
+
+    /// [`RxEngine::deliver`] for a run of frames, in order: `out[i]` gets frame `i`'s result.
+    /// Guest memory and the descriptor table are looked up once for the run.
+    pub fn deliver_burst(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        frames: &[&dyn Frame],
+        hdrs: &[NetHdr],
+        out: &mut [Result<(), DropReason>],
+    ) {
+        let cache = RegionCache::new(mem);
+        let table = DescTable::new(&cache, queue);
+        let n = frames.len().min(hdrs.len()).min(out.len());
+        let mut i = 0;
+        while i < n {
+            if !self.filter.active {
+                i += self.ring.write_lone_run(
+                    &cache,
+                    &table,
+                    queue,
+                    &frames[i..n],
+                    &hdrs[i..n],
+                    &mut out[i..n],
+                );
+                if i == n {
+                    break;
+                }
+            }
+            // The first frame of a burst, and any the run above cannot take.
+            out[i] = self.deliver_in(&cache, &table, queue, frames[i], &hdrs[i]);
+            i += 1;
+        }
+    }
+
+    #[inline]
+    fn deliver_in(
+        &mut self,
+        cache: &RegionCache<'_>,
+        table: &DescTable<'_>,
+        queue: &mut Queue,
+        frame: &dyn Frame,
+        hdr: &NetHdr,
+    ) -> Result<(), DropReason> {
         if self.filter.active {
             let mut dst = [0u8; 6];
             if frame.read_at(0, &mut dst) == 6 && !self.filter.accepts(&MacAddr(dst)) {
@@ -183,14 +238,13 @@ impl RxEngine {
             }
         }
         let caps = self.ring.params.caps;
-        let cache = RegionCache::new(mem);
         if caps.accepts(hdr) {
-            return self.ring.write_frame(&cache, queue, frame, hdr);
+            return self.ring.write_frame(cache, table, queue, frame, hdr);
         }
         let ring = &mut self.ring;
         self.seg
             .adapt(frame, hdr, caps, &mut |f, h| {
-                ring.write_frame(&cache, queue, f, h)
+                ring.write_frame(cache, table, queue, f, h)
             })
             .map(|_| ())
     }
@@ -235,6 +289,7 @@ impl RxRing {
     fn write_frame(
         &mut self,
         cache: &RegionCache<'_>,
+        table: &DescTable<'_>,
         queue: &mut Queue,
         frame: &dyn Frame,
         hdr: &NetHdr,
@@ -265,8 +320,7 @@ impl RxRing {
             if let Some(head) = first_head {
                 // Fast path: the first chain is one writable descriptor that holds the whole
                 // frame (no chain walk, no piece list).
-                let table = DescTable::new(cache, queue);
-                if let Some(buf) = desc::lone_write_buffer(cache, &table, head, need) {
+                if let Some(buf) = desc::lone_write_buffer(cache, table, head, need) {
                     if self.burst_avail.is_some() {
                         self.burst_avail = Some(Some(avail.idx()));
                     }
@@ -372,6 +426,49 @@ impl RxRing {
         Ok(())
     }
 
+    /// Inside a burst whose avail index is known: write frames while each one's offloads need
+    /// no change and its next chain is one writable descriptor that holds it (the common
+    /// case), with no per-frame set-up. Returns how many frames it took (`out` has their
+    /// results); it stops, leaving the queue where the next frame's chain starts, at the first
+    /// frame that needs the general path ([`RxRing::write_frame`]), which decides.
+    #[inline]
+    fn write_lone_run(
+        &mut self,
+        cache: &RegionCache<'_>,
+        table: &DescTable<'_>,
+        queue: &mut Queue,
+        frames: &[&dyn Frame],
+        hdrs: &[NetHdr],
+        out: &mut [Result<(), DropReason>],
+    ) -> usize {
+        let Some(Some(idx)) = self.burst_avail else {
+            return 0;
+        };
+        let Ok(mut avail) = AvailCursor::resume(cache, queue, idx) else {
+            return 0;
+        };
+        let caps = self.params.caps;
+        let mut done = 0;
+        for ((f, h), o) in frames.iter().zip(hdrs).zip(out.iter_mut()) {
+            let flen = f.len();
+            if flen > MAX_FRAME_LEN || !caps.accepts(h) {
+                break;
+            }
+            let at = queue.next_avail();
+            let Some(head) = avail.next(queue) else {
+                break;
+            };
+            let Some(buf) = desc::lone_write_buffer(cache, table, head, self.params.hdr_len + flen)
+            else {
+                queue.set_next_avail(at);
+                break;
+            };
+            *o = self.write_lone(cache, queue, head, &buf, *f, h);
+            done += 1;
+        }
+        done
+    }
+
     /// Write `hdr` and `frame` into `buf`, the first `hdr_len + frame.len()` bytes of the lone
     /// descriptor of the chain at `head` (see [`desc::lone_write_buffer`]), and its used element.
     #[inline]
@@ -386,10 +483,20 @@ impl RxRing {
     ) -> Result<(), DropReason> {
         let hdr_len = self.params.hdr_len;
         let hdr_bytes = emit_hdr(hdr, 1);
-        let (Ok(h), Ok(body)) = (buf.subslice(0, hdr_len), buf.offset(hdr_len)) else {
+        match hdr_len {
+            // One unaligned store for the (modern) 12-byte header.
+            12 => match vm_memory::VolatileMemory::get_ref::<[u8; 12]>(buf, 0) {
+                Ok(r) => r.store(hdr_bytes),
+                Err(_) => return Err(DropReason::Malformed),
+            },
+            _ => match buf.subslice(0, hdr_len) {
+                Ok(h) => h.copy_from(&hdr_bytes[..hdr_len]),
+                Err(_) => return Err(DropReason::Malformed),
+            },
+        }
+        let Ok(body) = buf.offset(hdr_len) else {
             return Err(DropReason::Malformed);
         };
-        h.copy_from(&hdr_bytes[..hdr_len]);
         let n = frame.copy_to_volatile(0, &body);
         let slot = queue.next_used().wrapping_add(self.pending);
         // n <= buf.len() <= the descriptor's length, a u32.
@@ -677,14 +784,22 @@ impl RxSink {
     }
 
     fn deliver_to(&self, q: usize, frame: &dyn Frame, hdr: &NetHdr) -> Result<(), DropReason> {
+        self.with_open(q, Err(DropReason::NotReady), |rq| {
+            self.deliver_locked(q, rq, frame, hdr)
+        })
+    }
+
+    /// Run `f` on RX queue `q` locked and kept open for this thread's burst (see `OPEN`).
+    #[inline]
+    fn with_open<R>(&self, q: usize, busy: R, f: impl FnOnce(&mut RxQueue) -> R) -> R {
         let Some(m) = self.queues.get(q) else {
-            return Err(DropReason::NotReady);
+            return busy;
         };
         let key = Arc::as_ptr(m) as usize;
         OPEN.with(|cell| {
             // Never borrowed elsewhere while a delivery runs (deliveries do not nest).
             let Ok(mut open) = cell.try_borrow_mut() else {
-                return Err(DropReason::NotReady);
+                return busy;
             };
             if open.as_ref().is_none_or(|o| o.key != key) {
                 // Another queue (of this or another device) first: one lock at a time.
@@ -696,11 +811,67 @@ impl RxSink {
                     guard: m.lock_arc(),
                 });
             }
-            let Some(o) = open.as_mut() else {
-                return Err(DropReason::NotReady);
-            };
-            self.deliver_locked(q, &mut o.guard, frame, hdr)
+            match open.as_mut() {
+                Some(o) => f(&mut o.guard),
+                None => busy,
+            }
         })
+    }
+
+    /// Mark queue `q` for the next flush (after a delivery that left used elements pending).
+    #[inline]
+    fn mark_dirty(&self, q: usize) {
+        // Frames after the first of a batch find the bit set: skip the atomic RMW.
+        // (A concurrent flush clears it before it takes this queue's lock, which we
+        // hold, so a set bit here is always followed by a publish of this frame.)
+        if self.dirty.load(Ordering::Relaxed) & (1 << q) == 0 {
+            self.dirty.fetch_or(1 << q, Ordering::AcqRel);
+        }
+    }
+
+    fn log_hostile(&self, res: &Result<(), DropReason>) {
+        if let Err(
+            r @ (DropReason::BadAddress
+            | DropReason::BadDirection
+            | DropReason::ChainLoop
+            | DropReason::HeaderTruncated
+            | DropReason::Malformed),
+        ) = *res
+        {
+            desc::log_drop(&self.name, "rx", r);
+        }
+    }
+
+    /// A run of frames into queue `q`, locked.
+    fn deliver_burst_locked(
+        &self,
+        q: usize,
+        rq: &mut RxQueue,
+        frames: &[&dyn Frame],
+        hdrs: &[NetHdr],
+        out: &mut [Result<(), DropReason>],
+    ) {
+        if let Err(r) = rq.open_burst() {
+            out.fill(Err(r));
+            return;
+        }
+        let RxQueue { burst, engine, .. } = rq;
+        let Some(b) = burst.as_mut() else {
+            out.fill(Err(DropReason::NotReady));
+            return;
+        };
+        engine.deliver_burst(&b.memory, &mut b.queue, frames, hdrs, out);
+        if rq.engine.pending() > 0 {
+            if out.iter().any(Result::is_ok) {
+                self.mark_dirty(q);
+            } else {
+                // No flush follows when nothing was delivered: publish what was written now.
+                rq.close(true);
+            }
+        }
+        for r in out.iter() {
+            self.log_hostile(r);
+        }
     }
 
     fn deliver_locked(
@@ -718,27 +889,13 @@ impl RxSink {
         let res = engine.deliver(&b.memory, &mut b.queue, frame, hdr);
         if rq.engine.pending() > 0 {
             if res.is_ok() {
-                // Frames after the first of a batch find the bit set: skip the atomic RMW.
-                // (A concurrent flush clears it before it takes this queue's lock, which we
-                // hold, so a set bit here is always followed by a publish of this frame.)
-                if self.dirty.load(Ordering::Relaxed) & (1 << q) == 0 {
-                    self.dirty.fetch_or(1 << q, Ordering::AcqRel);
-                }
+                self.mark_dirty(q);
             } else {
                 // No flush follows a failed delivery: publish what was written now.
                 rq.close(true);
             }
         }
-        if let Err(
-            r @ (DropReason::BadAddress
-            | DropReason::BadDirection
-            | DropReason::ChainLoop
-            | DropReason::HeaderTruncated
-            | DropReason::Malformed),
-        ) = res
-        {
-            desc::log_drop(&self.name, "rx", r);
-        }
+        self.log_hostile(&res);
         res
     }
 }
@@ -758,6 +915,32 @@ impl PortSink for RxSink {
             // A pair the frontend stopped or disabled: fall back to the first one.
             Err(DropReason::NotReady) if q != 0 => self.deliver_to(0, frame, hdr),
             r => r,
+        }
+    }
+
+    fn deliver_burst(
+        &self,
+        frames: &[&dyn Frame],
+        hdrs: &[NetHdr],
+        out: &mut [Result<(), DropReason>],
+    ) {
+        if self.live.load(Ordering::Acquire) == 0 {
+            out.fill(Err(DropReason::NotReady));
+            return;
+        }
+        if self.active_pairs() > 1 {
+            // Frames of a run may hash to different queues: one at a time.
+            for ((f, h), o) in frames.iter().zip(hdrs).zip(out.iter_mut()) {
+                *o = self.deliver(*f, h);
+            }
+            return;
+        }
+        let done = self.with_open(0, false, |rq| {
+            self.deliver_burst_locked(0, rq, frames, hdrs, out);
+            true
+        });
+        if !done {
+            out.fill(Err(DropReason::NotReady));
         }
     }
 
@@ -1256,5 +1439,65 @@ mod tests {
         e.end_burst();
         e.publish(&mem, &mut q).unwrap();
         assert_eq!(d.used_idx(), 2);
+    }
+
+    #[test]
+    fn sink_burst_writes_in_order_and_reports_each_frame() {
+        let mem = test_mem();
+        let gm = GuestMemoryAtomic::new(mem.clone());
+        let mut d = Driver::new(&mem, 16);
+        // Four buffers: three lone descriptors and one chain of two (the walked path).
+        for i in 0..3u64 {
+            d.chain(&[(0x10_0000 + i * 0x1000, 2048, true)]);
+        }
+        d.chain(&[(0x10_3000, 40, true), (0x10_4000, 2048, true)]);
+        let vring = live_vring(&gm, &d, 16);
+        let s = RxSink::new("t", 1, RxFilter::new(None));
+        s.set_params(RxParams::new(&Negotiated::new(f::VERSION_1 | f::MRG_RXBUF)));
+        s.attach(0, &vring, &gm);
+        let frames: Vec<Vec<u8>> = (0..6).map(|i| eth(60 + i, 1, 2)).collect();
+        let views: Vec<SliceFrame<'_>> = frames.iter().map(|f| SliceFrame(f)).collect();
+        let refs: Vec<&dyn Frame> = views.iter().map(|f| f as &dyn Frame).collect();
+        let hdrs = vec![NetHdr::NONE; 6];
+        let mut out = vec![Ok(()); 6];
+        s.deliver_burst(&refs, &hdrs, &mut out);
+        // Four fit; the rest find no buffers. Nothing is published before the flush.
+        assert_eq!(
+            out,
+            [
+                Ok(()),
+                Ok(()),
+                Ok(()),
+                Ok(()),
+                Err(DropReason::NoRxBuffers),
+                Err(DropReason::NoRxBuffers)
+            ]
+        );
+        assert_eq!(d.used_idx(), 0);
+        s.flush();
+        assert_eq!(d.used_idx(), 4);
+        for i in 0..4u16 {
+            assert_eq!(d.used(i), (u32::from(i), 12 + 60 + u32::from(i)));
+        }
+        assert_eq!(read(&mem, 0x10_2000 + 12, 62), frames[2]);
+        let mut tail = read(&mem, 0x10_3000 + 12, 28);
+        tail.extend(read(&mem, 0x10_4000, 63 - 28));
+        assert_eq!(tail, frames[3], "split over the walked chain");
+        // A burst that delivers nothing but took a hostile chain publishes it at once (no
+        // flush follows), returned empty.
+        d.put(9, 0x10_5000, 2048, 0, 0); // readable: wrong direction for RX
+        d.avail(9);
+        out.fill(Ok(()));
+        s.deliver_burst(&refs[..2], &hdrs[..2], &mut out[..2]);
+        assert_eq!(out[0], Err(DropReason::BadDirection));
+        assert_eq!(out[1], Err(DropReason::NoRxBuffers));
+        assert_eq!(d.used_idx(), 5);
+        assert_eq!(d.used(4), (9, 0));
+        s.release();
+        // Without a driver every frame is NotReady.
+        s.detach(0);
+        out.fill(Ok(()));
+        s.deliver_burst(&refs, &hdrs, &mut out);
+        assert!(out.iter().all(|r| *r == Err(DropReason::NotReady)));
     }
 }

@@ -7,8 +7,11 @@
 //!             else walk chain once (readable only, ≤ hdr + 65562 bytes) ─► Segs (≤ MAX_SEGS
 //!               VolatileSlices, on the stack; longer chains: walk again into pieces)
 //!             header: one load of hdr_len bytes ─► NetHdr, validate offload metadata
-//!             SegFrame (Segs past the header) ─► Switch::forward(batch, port, &frame, &hdr)
-//!           write used elements (len 0), publish used idx once ─► Switch::end(batch)
+//!             one range: its SegFrame joins the burst (stack arrays, ≤ TX_BATCH frames)
+//!             else: Switch::forward_burst(the burst so far), then Switch::forward(this frame)
+//!             write the used element (len 0)
+//!           Switch::forward_burst(the burst) ─► RxSink::deliver_burst per destination run
+//!           publish used idx once ─► Switch::end(batch)
 //!           ─► interrupt if the driver wants one (EVENT_IDX / NO_INTERRUPT)
 //! ```
 //!
@@ -21,7 +24,7 @@ use virtnet_switch::hdr::{GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
 use virtnet_switch::{DropReason, Frame, NetHdr, PortId, Switch, TxBatch};
 use vm_memory::GuestMemoryMmap;
 
-use crate::desc::{self, DescTable, Dir, GuestFrame, Piece, RegionCache, Segs};
+use crate::desc::{self, DescTable, Dir, GuestFrame, Piece, RegionCache, SegFrame, Segs};
 use crate::virtio_net::{parse_hdr, Negotiated, MAX_FRAME_LEN};
 
 /// How many frames ahead the TX loop prefetches a frame's first bytes.
@@ -282,18 +285,36 @@ pub fn process_tx_queue(
     for &h in scratch.heads.iter().take(PREFETCH_AHEAD) {
         table.prefetch_buffer(&cache, h);
     }
+    // Frames of one descriptor each (the common case) wait here and go to the switch as one
+    // burst; any other frame sends the burst first, so the order is kept.
+    let mut burst = [SegFrame::empty(); TX_BATCH];
+    let mut hdrs = [NetHdr::NONE; TX_BATCH];
+    let mut n = 0usize;
     for (i, &head) in scratch.heads.iter().enumerate() {
         if let Some(&ahead) = scratch.heads.get(i + PREFETCH_AHEAD) {
             table.prefetch_buffer(&cache, ahead);
         }
         let parsed = match parse_tx_segs(&cache, &table, head, params, &mut segs) {
             Ok(Some(hdr)) => {
-                switch.forward(batch, port, &segs.frame_after(params.hdr_len), &hdr);
+                match (segs.lone_frame_after(params.hdr_len), burst.get_mut(n)) {
+                    (Some(f), Some(slot)) => {
+                        *slot = f;
+                        hdrs[n] = hdr;
+                        n += 1;
+                    }
+                    _ => {
+                        switch.forward_burst(batch, port, &burst[..n], &hdrs[..n]);
+                        n = 0;
+                        switch.forward(batch, port, &segs.frame_after(params.hdr_len), &hdr);
+                    }
+                }
                 Ok(())
             }
             // More ranges than a `Segs` holds: the general path.
             Ok(None) => parse_tx_chain_in(&cache, queue, head, params, &mut scratch.pieces).map(
                 |(hdr, len)| {
+                    switch.forward_burst(batch, port, &burst[..n], &hdrs[..n]);
+                    n = 0;
                     let frame = GuestFrame::new(&cache, &scratch.pieces, params.hdr_len, len);
                     switch.forward(batch, port, &frame, &hdr);
                 },
@@ -315,6 +336,7 @@ pub fn process_tx_queue(
             break;
         }
     }
+    switch.forward_burst(batch, port, &burst[..n], &hdrs[..n]);
     out.chains = scratch.heads.len();
     if result.is_ok() {
         match desc::publish_used(mem, queue, scratch.heads.len() as u16) {
@@ -516,6 +538,44 @@ pub(crate) mod tests {
         let mut rig = Rig::new();
         rig.run(&mem, &mut q);
         assert_eq!(rig.got()[0].0, f);
+    }
+
+    #[test]
+    fn lone_and_split_chains_keep_their_order() {
+        let mem = test_mem();
+        let mut d = Driver::new(&mem, 32);
+        let frames: Vec<Vec<u8>> = (0..7u8)
+            .map(|i| {
+                let mut f = eth(60 + usize::from(i), 2, 1);
+                f[14] = i;
+                f
+            })
+            .collect();
+        for (i, f) in frames.iter().enumerate() {
+            let at = 0x10_0000 + i as u64 * 0x1000;
+            put_hdr(&mem, at, &NetHdr::NONE);
+            mem.write_slice(f, GuestAddress(at + 12)).unwrap();
+            let len = 12 + f.len() as u32;
+            match i {
+                // Header and frame in separate descriptors: forwarded on its own, between
+                // the lone ones around it.
+                2 | 5 => d.chain(&[(at, 12, false), (at + 12, len - 12, false)]),
+                // A bad chain in the middle of a burst: dropped, the burst goes on.
+                4 => d.chain(&[(at, len, true)]),
+                _ => d.chain(&[(at, len, false)]),
+            };
+        }
+        let mut q = d.queue();
+        let mut rig = Rig::new();
+        let o = rig.run(&mem, &mut q);
+        assert_eq!((o.chains, o.dropped), (7, 1));
+        let got: Vec<u8> = rig.got().iter().map(|(f, _)| f[14]).collect();
+        assert_eq!(got, [0, 1, 2, 3, 5, 6]);
+        for (f, _) in rig.got() {
+            assert_eq!(f, frames[usize::from(f[14])]);
+        }
+        assert_eq!(rig.drops(DropReason::BadDirection), 1);
+        assert_eq!(d.used_idx(), 7);
     }
 
     #[test]
