@@ -1210,6 +1210,15 @@ pub(crate) mod tests {
             }
         }
 
+        /// A driver whose rings start at guest address `start`.
+        pub fn at(mem: &'a GuestMemoryMmap, start: u64, size: u16) -> Self {
+            Driver {
+                mock: MockSplitQueue::create(mem, GuestAddress(start), size),
+                next_desc: 0,
+                size,
+            }
+        }
+
         pub fn queue(&self) -> Queue {
             self.mock.create_queue::<Queue>().unwrap()
         }

@@ -19,11 +19,12 @@
 //! ```
 //!
 //! **Runs.** `RxSink::deliver_burst` (the switch's `PortSink::deliver_burst`, a run of frames
-//! for this port) does the same for all of them with one thread-local lookup, one memory
-//! translation set-up and one descriptor table view; with one queue pair in use, inside a
-//! burst whose avail index is known, frames whose next chain is one writable descriptor are
-//! written back to back with no per-frame set-up (`RxRing::write_lone_run`); the first frame
-//! that needs anything else takes the path above.
+//! for this port) does the same with one thread-local lookup, one memory translation set-up
+//! and one descriptor table view per sub-run of consecutive frames for one queue (with several
+//! queue pairs, frames are grouped by flow hash, in order). Inside a burst whose avail index is
+//! known, frames whose next chain is one writable descriptor are written back to back with no
+//! per-frame set-up (`RxRing::write_lone_run`); the first frame that needs anything else takes
+//! the path above.
 //!
 //! **Bursts and lock order.** A switch batch delivers to one port after another, usually many
 //! frames in a row to the same one. The first delivery of such a run locks the RX queue and the
@@ -842,7 +843,25 @@ impl RxSink {
         }
     }
 
-    /// A run of frames into queue `q`, locked.
+    /// A run of frames into queue `q`; false (every frame `NotReady`) when the queue does
+    /// not run.
+    fn deliver_run(
+        &self,
+        q: usize,
+        frames: &[&dyn Frame],
+        hdrs: &[NetHdr],
+        out: &mut [Result<(), DropReason>],
+    ) -> bool {
+        let ran = self.with_open(q, false, |rq| {
+            self.deliver_burst_locked(q, rq, frames, hdrs, out)
+        });
+        if !ran {
+            out.fill(Err(DropReason::NotReady));
+        }
+        ran
+    }
+
+    /// A run of frames into queue `q`, locked; false when the queue does not run.
     fn deliver_burst_locked(
         &self,
         q: usize,
@@ -850,15 +869,13 @@ impl RxSink {
         frames: &[&dyn Frame],
         hdrs: &[NetHdr],
         out: &mut [Result<(), DropReason>],
-    ) {
-        if let Err(r) = rq.open_burst() {
-            out.fill(Err(r));
-            return;
+    ) -> bool {
+        if rq.open_burst().is_err() {
+            return false;
         }
         let RxQueue { burst, engine, .. } = rq;
         let Some(b) = burst.as_mut() else {
-            out.fill(Err(DropReason::NotReady));
-            return;
+            return false;
         };
         engine.deliver_burst(&b.memory, &mut b.queue, frames, hdrs, out);
         if rq.engine.pending() > 0 {
@@ -872,6 +889,7 @@ impl RxSink {
         for r in out.iter() {
             self.log_hostile(r);
         }
+        true
     }
 
     fn deliver_locked(
@@ -928,19 +946,33 @@ impl PortSink for RxSink {
             out.fill(Err(DropReason::NotReady));
             return;
         }
-        if self.active_pairs() > 1 {
-            // Frames of a run may hash to different queues: one at a time.
-            for ((f, h), o) in frames.iter().zip(hdrs).zip(out.iter_mut()) {
-                *o = self.deliver(*f, h);
-            }
+        let n = frames.len().min(hdrs.len()).min(out.len());
+        let pairs = self.active_pairs();
+        if pairs <= 1 {
+            self.deliver_run(0, &frames[..n], &hdrs[..n], &mut out[..n]);
             return;
         }
-        let done = self.with_open(0, false, |rq| {
-            self.deliver_burst_locked(0, rq, frames, hdrs, out);
-            true
-        });
-        if !done {
-            out.fill(Err(DropReason::NotReady));
+        // Spread over the queue pairs by flow: consecutive frames of one flow (the usual
+        // run) go to their queue together.
+        let queue_of = |f: &dyn Frame| (flow_hash(f) % u32::from(pairs)) as usize;
+        let mut start = 0;
+        let mut next_q = frames.first().map_or(0, |f| queue_of(*f));
+        while start < n {
+            let q = next_q;
+            let mut end = start + 1;
+            while end < n {
+                next_q = queue_of(frames[end]);
+                if next_q != q {
+                    break;
+                }
+                end += 1;
+            }
+            let (f, h, o) = (&frames[start..end], &hdrs[start..end], &mut out[start..end]);
+            if !self.deliver_run(q, f, h, o) && q != 0 {
+                // A pair the frontend stopped or disabled: fall back to the first one.
+                self.deliver_run(0, f, h, o);
+            }
+            start = end;
         }
     }
 
@@ -1499,5 +1531,72 @@ mod tests {
         out.fill(Ok(()));
         s.deliver_burst(&refs, &hdrs, &mut out);
         assert!(out.iter().all(|r| *r == Err(DropReason::NotReady)));
+    }
+
+    #[test]
+    fn sink_burst_spreads_flows_over_pairs_in_order() {
+        let mem = test_mem();
+        let gm = GuestMemoryAtomic::new(mem.clone());
+        // The mock's used ring starts inside the avail ring (over its second half): 32
+        // entries keep the 12 avail slots used here clear of it.
+        let mut d0 = Driver::new(&mem, 32);
+        let mut d1 = Driver::at(&mem, 0x8_0000, 16);
+        for i in 0..12u64 {
+            d0.chain(&[(0x10_0000 + i * 0x1000, 2048, true)]);
+        }
+        for i in 0..6u64 {
+            d1.chain(&[(0x20_0000 + i * 0x1000, 2048, true)]);
+        }
+        let (v0, v1) = (live_vring(&gm, &d0, 32), live_vring(&gm, &d1, 16));
+        let s = RxSink::new("t", 2, RxFilter::new(None));
+        s.set_params(RxParams::new(&Negotiated::new(f::VERSION_1 | f::MRG_RXBUF)));
+        s.set_active_pairs(2);
+        // Six TCP frames of flows (source ports) that hash to both queues; byte 60 numbers
+        // them.
+        let (base, _) = tcp4_gso(10);
+        let frames: Vec<Vec<u8>> = (0..6u8)
+            .map(|i| {
+                let mut f = base.clone();
+                f[35] = [1, 1, 2, 3, 3, 1][usize::from(i)];
+                f[60] = i;
+                f
+            })
+            .collect();
+        let queue: Vec<usize> = frames
+            .iter()
+            .map(|f| (flow_hash(&SliceFrame(f)) % 2) as usize)
+            .collect();
+        assert!(queue.contains(&0) && queue.contains(&1), "{queue:?}");
+        let views: Vec<SliceFrame<'_>> = frames.iter().map(|f| SliceFrame(f)).collect();
+        let refs: Vec<&dyn Frame> = views.iter().map(|f| f as &dyn Frame).collect();
+        let hdrs = vec![NetHdr::NONE; 6];
+        let mut out = vec![Err(DropReason::Malformed); 6];
+        // Only queue 0 runs: every flow falls back to it, in order.
+        s.attach(0, &v0, &gm);
+        s.deliver_burst(&refs, &hdrs, &mut out);
+        assert!(out.iter().all(Result::is_ok), "{out:?}");
+        s.flush();
+        s.release();
+        assert_eq!(d0.used_idx(), 6);
+        for i in 0..6u64 {
+            assert_eq!(read(&mem, 0x10_0000 + i * 0x1000 + 12 + 60, 1), [i as u8]);
+        }
+        // Both run: each frame goes to its flow's queue, each queue in order.
+        s.attach(1, &v1, &gm);
+        out.fill(Err(DropReason::Malformed));
+        s.deliver_burst(&refs, &hdrs, &mut out);
+        assert!(out.iter().all(Result::is_ok), "{out:?}");
+        s.flush();
+        s.release();
+        let on =
+            |q: usize| -> Vec<u8> { (0..6u8).filter(|&i| queue[usize::from(i)] == q).collect() };
+        assert_eq!(d0.used_idx() - 6, on(0).len() as u16);
+        assert_eq!(d1.used_idx(), on(1).len() as u16);
+        for (k, i) in on(0).into_iter().enumerate() {
+            assert_eq!(read(&mem, 0x10_6000 + k as u64 * 0x1000 + 12 + 60, 1), [i]);
+        }
+        for (k, i) in on(1).into_iter().enumerate() {
+            assert_eq!(read(&mem, 0x20_0000 + k as u64 * 0x1000 + 12 + 60, 1), [i]);
+        }
     }
 }

@@ -68,7 +68,9 @@ use std::thread::JoinHandle;
 
 use thiserror::Error;
 use virtnet_switch::hdr::FLAG_NEEDS_CSUM;
-use virtnet_switch::{DropReason, Frame, NetHdr, PortConfig, PortId, PortSink, Segment, Switch};
+use virtnet_switch::{
+    DropReason, Frame, NetHdr, PortConfig, PortId, PortSink, Segment, Switch, MAX_BURST,
+};
 use vm_memory::{Bytes, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -629,6 +631,7 @@ impl PortSink for UplinkSink {
 
 /// A received frame: one or two views into an RX ring block (two when an in-frame 802.1Q tag
 /// was cut out).
+#[derive(Clone, Copy)]
 struct RingFrame<'a> {
     head: VolatileSlice<'a>,
     tail: Option<VolatileSlice<'a>>,
@@ -637,6 +640,28 @@ struct RingFrame<'a> {
 impl Frame for RingFrame<'_> {
     fn len(&self) -> usize {
         self.head.len() + self.tail.map_or(0, |t| t.len())
+    }
+
+    #[inline]
+    fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        // The common case (an Ethernet header, a whole untagged frame): all in `head`.
+        let n = dst.len().min(self.len().saturating_sub(offset));
+        match self.head.subslice(offset, n) {
+            Ok(s) => s.copy_to(&mut dst[..n]),
+            Err(_) => virtnet_switch::frame::read_segments_at(self, offset, dst),
+        }
+    }
+
+    #[inline]
+    fn copy_to_volatile(&self, offset: usize, dst: &VolatileSlice<'_>) -> usize {
+        let n = dst.len().min(self.len().saturating_sub(offset));
+        match self.head.subslice(offset, n) {
+            Ok(s) => {
+                s.copy_to_volatile_slice(*dst);
+                n
+            }
+            Err(_) => virtnet_switch::frame::copy_segments_to_volatile(self, offset, dst),
+        }
     }
 
     fn for_each_segment(&self, f: &mut dyn FnMut(Segment<'_>) -> bool) {
@@ -970,22 +995,40 @@ impl Reader {
             return;
         };
         let mut p = first as usize;
+        // Frames go to the switch in bursts ([`MAX_BURST`]); the counters once per block.
+        let empty = RingFrame {
+            head: block.subslice(0, 0).unwrap_or(*block),
+            tail: None,
+        };
+        let mut frames = [empty; MAX_BURST];
+        let mut hdrs = [NetHdr::NONE; MAX_BURST];
+        let mut n = 0;
+        let (mut count, mut bytes) = (0u64, 0u64);
         for i in 0..num {
             match parse_packet(block, p, self.vlan) {
                 Rx::Frame { head, tail, hdr } => {
                     let view = |(o, l): (usize, usize)| block.subslice(o, l).ok();
-                    match (view(head), tail.map(view)) {
-                        (Some(head), None) => {
-                            self.forward(batch, &RingFrame { head, tail: None }, &hdr);
+                    let f = match (view(head), tail.map(view)) {
+                        (Some(head), None) => Some(RingFrame { head, tail: None }),
+                        (Some(head), Some(Some(tail))) => Some(RingFrame {
+                            head,
+                            tail: Some(tail),
+                        }),
+                        _ => None,
+                    };
+                    match f {
+                        Some(f) => {
+                            count += 1;
+                            bytes += f.len() as u64;
+                            frames[n] = f;
+                            hdrs[n] = hdr;
+                            n += 1;
+                            if n == MAX_BURST {
+                                self.switch.forward_burst(batch, self.port, &frames, &hdrs);
+                                n = 0;
+                            }
                         }
-                        (Some(head), Some(Some(tail))) => {
-                            let f = RingFrame {
-                                head,
-                                tail: Some(tail),
-                            };
-                            self.forward(batch, &f, &hdr);
-                        }
-                        _ => {
+                        None => {
                             self.counters.rx_errors.fetch_add(1, Relaxed);
                         }
                     }
@@ -1008,12 +1051,12 @@ impl Reader {
                 Ok(n) => p += n as usize,
             }
         }
-    }
-
-    fn forward(&self, batch: &mut virtnet_switch::TxBatch, f: &RingFrame<'_>, hdr: &NetHdr) {
-        self.counters.rx_frames.fetch_add(1, Relaxed);
-        self.counters.rx_bytes.fetch_add(f.len() as u64, Relaxed);
-        self.switch.forward(batch, self.port, f, hdr);
+        self.switch
+            .forward_burst(batch, self.port, &frames[..n], &hdrs[..n]);
+        if count > 0 {
+            self.counters.rx_frames.fetch_add(count, Relaxed);
+            self.counters.rx_bytes.fetch_add(bytes, Relaxed);
+        }
     }
 }
 
@@ -1053,6 +1096,27 @@ mod tests {
         // Without NEEDS_CSUM the checksum fields are not offsets and stay as they are.
         let n = NetHdr::NONE;
         assert_eq!(decode_hdr(&encode_hdr(&n, 4), 4), n);
+    }
+
+    #[test]
+    fn ring_frame_reads_across_the_cut() {
+        let mut a: Vec<u8> = (0u8..20).collect();
+        let mut b: Vec<u8> = (100u8..110).collect();
+        let f = RingFrame {
+            head: VolatileSlice::from(&mut a[..]),
+            tail: Some(VolatileSlice::from(&mut b[..])),
+        };
+        let whole: Vec<u8> = (0u8..20).chain(100..110).collect();
+        assert_eq!(f.len(), 30);
+        for (off, len) in [(0, 14), (0, 30), (5, 20), (18, 5), (25, 10), (30, 4)] {
+            let mut got = vec![0u8; len];
+            let n = f.read_at(off, &mut got);
+            let want = &whole[off.min(30)..(off + len).min(30)];
+            assert_eq!(&got[..n], want, "read_at({off}, {len})");
+            let mut out = vec![0u8; len];
+            let n = f.copy_to_volatile(off, &VolatileSlice::from(&mut out[..]));
+            assert_eq!(&out[..n], want, "copy_to_volatile({off}, {len})");
+        }
     }
 
     #[test]
