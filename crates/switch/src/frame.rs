@@ -85,6 +85,13 @@ pub trait Frame {
         read_segments_at(self, offset, dst)
     }
 
+    /// Copy the first bytes, up to an 802.1Q-tagged Ethernet header, into `dst` (what the
+    /// switch reads to route a frame); returns the bytes copied (short for a shorter frame).
+    /// Same as `read_at(0, dst)`; a view that can do it in one load overrides it.
+    fn read_head(&self, dst: &mut [u8; ETH_VLAN_HEADER_LEN]) -> usize {
+        self.read_at(0, dst)
+    }
+
     /// Copy bytes starting at `offset` into `dst` until `dst` is full or the frame ends;
     /// returns the bytes copied.
     fn copy_to_volatile(&self, offset: usize, dst: &VolatileSlice<'_>) -> usize {

@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 
 use crate::fdb::{Fdb, Learn};
 use crate::frame::{
-    EthernetFrame, Frame, MacAddr, SliceFrame, ETHERTYPE_VLAN, ETH_VLAN_HEADER_LEN,
+    EthernetFrame, Frame, MacAddr, SliceFrame, ETHERTYPE_VLAN, ETH_HEADER_LEN, ETH_VLAN_HEADER_LEN,
 };
 use crate::hdr::NetHdr;
 use crate::stats::{DropReason, PortStats, PortStatsSnapshot};
@@ -507,7 +507,9 @@ impl Switch {
         };
         st.rx_acc
             .add(out.table, ingress.0 as usize, frame.len(), true);
-        match self.route(&mut st, out.table, ingress, src, frame) {
+        let mut head = [0u8; ETH_VLAN_HEADER_LEN];
+        let got = frame.read_head(&mut head);
+        match self.route(&mut st, out.table, ingress, src, &head[..got]) {
             Route::Drop => {}
             Route::Port(d) => out.deliver_index(d, frame, hdr),
             Route::Flood(vlan) => out.flood(ingress, src, vlan, frame, hdr),
@@ -535,9 +537,24 @@ impl Switch {
         // The run being collected: its destination and first frame.
         let mut run: Option<(usize, usize)> = None;
         let mut bytes = 0u64;
+        // The Ethernet addresses and type of the frame before and where it went, when that
+        // was a known port: a frame with the same ones goes there too (nothing the route
+        // depends on changes between two frames of one flow in a row).
+        let mut prev: Option<([u8; ETH_HEADER_LEN], usize)> = None;
         for (i, frame) in frames.iter().enumerate() {
             bytes += frame.len() as u64;
-            let route = self.route(&mut st, out.table, ingress, src, frame);
+            let mut head = [0u8; ETH_VLAN_HEADER_LEN];
+            let got = frame.read_head(&mut head);
+            let mut key = [0u8; ETH_HEADER_LEN];
+            key.copy_from_slice(&head[..ETH_HEADER_LEN]);
+            let route = match prev {
+                Some((k, d)) if got >= ETH_HEADER_LEN && k == key => Route::Port(d),
+                _ => self.route(&mut st, out.table, ingress, src, &head[..got]),
+            };
+            prev = match route {
+                Route::Port(d) => Some((key, d)),
+                _ => None,
+            };
             if let (Route::Port(d), Some((rd, start))) = (route, run) {
                 if d == rd && i - start < MAX_BURST {
                     continue;
@@ -559,7 +576,8 @@ impl Switch {
             .add_n(out.table, ingress.0 as usize, n as u64, bytes, true);
     }
 
-    /// Learn the frame's source and decide where it goes; drops are counted on `src`.
+    /// Learn the source of a frame that starts with `head` (its first bytes, up to
+    /// [`ETH_VLAN_HEADER_LEN`]) and decide where it goes; drops are counted on `src`.
     #[inline]
     fn route(
         &self,
@@ -567,12 +585,10 @@ impl Switch {
         table: &PortTable,
         ingress: PortId,
         src: &PortEntry,
-        frame: &dyn Frame,
+        head: &[u8],
     ) -> Route {
         let now = st.now;
-        let mut head = [0u8; ETH_VLAN_HEADER_LEN];
-        let got = frame.read_at(0, &mut head);
-        let Ok(eth) = EthernetFrame::new_checked(&head[..got]) else {
+        let Ok(eth) = EthernetFrame::new_checked(head) else {
             src.stats.count_drop(DropReason::FrameTooShort);
             return Route::Drop;
         };
@@ -1146,6 +1162,26 @@ mod tests {
         assert_eq!(st.drop_count(DropReason::BadSourceMac), 1);
         assert_eq!(sw.port_stats(pb).unwrap().snapshot().tx_frames, 4 + 1);
         assert_eq!(sw.port_stats(pc).unwrap().snapshot().tx_frames, 4 + 1);
+    }
+
+    #[test]
+    fn a_station_moving_mid_burst_is_seen_by_the_next_frame() {
+        let (sw, p) = setup(3);
+        send(&sw, p[1].0, &eth(mac(9), mac(2)));
+        // From port 0: two frames to station 2 (at port 1), then one from station 2 itself
+        // (it moved behind port 0), then one more to it: a hairpin now, not port 1.
+        let burst = vec![
+            eth(mac(2), mac(1)),
+            eth(mac(2), mac(1)),
+            eth(mac(9), mac(2)),
+            eth(mac(2), mac(1)),
+        ];
+        let before = count(&p[1].1);
+        send_burst(&sw, p[0].0, &burst);
+        assert_eq!(count(&p[1].1), before + 2 + 1, "two unicast, one flood");
+        assert_eq!(sw.lookup(None, MacAddr(mac(2))), Some(p[0].0));
+        let st = sw.port_stats(p[0].0).unwrap().snapshot();
+        assert_eq!(st.drop_count(DropReason::Hairpin), 1);
     }
 
     #[test]

@@ -59,7 +59,7 @@ use virtnet_switch::{DropReason, Frame, MacAddr, NetHdr, OffloadCaps, PortSink};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::ctrl::RxFilter;
-use crate::desc::{self, AvailCursor, DescTable, Dir, Piece, RegionCache};
+use crate::desc::{self, AvailCursor, DescTable, Dir, Piece, RegionCache, UsedRing};
 use crate::virtio_net::{emit_hdr, Negotiated, MAX_FRAME_LEN};
 
 /// Guest memory as the vhost-user backend sees it.
@@ -325,7 +325,8 @@ impl RxRing {
                     if self.burst_avail.is_some() {
                         self.burst_avail = Some(Some(avail.idx()));
                     }
-                    return self.write_lone(cache, queue, head, &buf, frame, hdr);
+                    let used = UsedRing::new(cache, queue);
+                    return self.write_lone(cache, &used, queue, head, &buf, frame, hdr);
                 }
             }
             while cap < need {
@@ -448,6 +449,7 @@ impl RxRing {
         let Ok(mut avail) = AvailCursor::resume(cache, queue, idx) else {
             return 0;
         };
+        let used = UsedRing::new(cache, queue);
         let caps = self.params.caps;
         let mut done = 0;
         for ((f, h), o) in frames.iter().zip(hdrs).zip(out.iter_mut()) {
@@ -464,7 +466,7 @@ impl RxRing {
                 queue.set_next_avail(at);
                 break;
             };
-            *o = self.write_lone(cache, queue, head, &buf, *f, h);
+            *o = self.write_lone(cache, &used, queue, head, &buf, *f, h);
             done += 1;
         }
         done
@@ -473,9 +475,11 @@ impl RxRing {
     /// Write `hdr` and `frame` into `buf`, the first `hdr_len + frame.len()` bytes of the lone
     /// descriptor of the chain at `head` (see [`desc::lone_write_buffer`]), and its used element.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn write_lone(
         &mut self,
         cache: &RegionCache<'_>,
+        used: &UsedRing<'_>,
         queue: &Queue,
         head: u16,
         buf: &vm_memory::VolatileSlice<'_>,
@@ -501,7 +505,7 @@ impl RxRing {
         let n = frame.copy_to_volatile(0, &body);
         let slot = queue.next_used().wrapping_add(self.pending);
         // n <= buf.len() <= the descriptor's length, a u32.
-        desc::write_used_elem_in(cache, queue, slot, head, (hdr_len + n) as u32)
+        used.write(cache, queue, slot, head, (hdr_len + n) as u32)
             .map_err(|_| DropReason::Malformed)?;
         self.pending = self.pending.wrapping_add(1);
         Ok(())

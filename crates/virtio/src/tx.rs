@@ -24,7 +24,7 @@ use virtnet_switch::hdr::{GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6};
 use virtnet_switch::{DropReason, Frame, NetHdr, PortId, Switch, TxBatch};
 use vm_memory::GuestMemoryMmap;
 
-use crate::desc::{self, DescTable, Dir, GuestFrame, Piece, RegionCache, SegFrame, Segs};
+use crate::desc::{self, DescTable, Dir, GuestFrame, Piece, RegionCache, SegFrame, Segs, UsedRing};
 use crate::virtio_net::{parse_hdr, Negotiated, MAX_FRAME_LEN};
 
 /// How many frames ahead the TX loop prefetches a frame's first bytes.
@@ -277,6 +277,7 @@ pub fn process_tx_queue(
     // Filled anew by each chain: one walk, each range translated once.
     let mut segs = Segs::new();
     let table = DescTable::new(&cache, queue);
+    let used = UsedRing::new(&cache, queue);
     // The driver wrote these descriptors and frames on another core: start loading them all
     // now, and each frame's first bytes PREFETCH_AHEAD frames ahead of its turn.
     for &h in &scratch.heads {
@@ -331,7 +332,7 @@ pub fn process_tx_queue(
         }
         // i < TX_BATCH, so the cast is lossless.
         let slot = base.wrapping_add(i as u16);
-        if let Err(e) = desc::write_used_elem_in(&cache, queue, slot, head, 0) {
+        if let Err(e) = used.write(&cache, queue, slot, head, 0) {
             result = Err(Error::UsedRing(e));
             break;
         }

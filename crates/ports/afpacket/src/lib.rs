@@ -67,11 +67,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use thiserror::Error;
+use virtnet_switch::frame::ETH_VLAN_HEADER_LEN;
 use virtnet_switch::hdr::FLAG_NEEDS_CSUM;
 use virtnet_switch::{
     DropReason, Frame, NetHdr, PortConfig, PortId, PortSink, Segment, Switch, MAX_BURST,
 };
-use vm_memory::{Bytes, VolatileSlice};
+use vm_memory::{Bytes, VolatileMemory, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Length of the `virtio_net_hdr` in front of every frame with `PACKET_VNET_HDR`.
@@ -643,6 +644,17 @@ impl Frame for RingFrame<'_> {
     }
 
     #[inline]
+    fn read_head(&self, dst: &mut [u8; ETH_VLAN_HEADER_LEN]) -> usize {
+        // One unaligned load when `head` holds the whole header (always, unless the frame is
+        // shorter or a tag was cut out right behind the addresses).
+        if let Ok(r) = self.head.get_ref::<[u8; ETH_VLAN_HEADER_LEN]>(0) {
+            *dst = r.load();
+            return ETH_VLAN_HEADER_LEN;
+        }
+        self.read_at(0, dst)
+    }
+
+    #[inline]
     fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
         // The common case (an Ethernet header, a whole untagged frame): all in `head`.
         let n = dst.len().min(self.len().saturating_sub(offset));
@@ -1117,6 +1129,23 @@ mod tests {
             let n = f.copy_to_volatile(off, &VolatileSlice::from(&mut out[..]));
             assert_eq!(&out[..n], want, "copy_to_volatile({off}, {len})");
         }
+        // The header: over the cut, and in `head` alone.
+        let mut h = [0u8; ETH_VLAN_HEADER_LEN];
+        assert_eq!(f.read_head(&mut h), 18);
+        assert_eq!(h[..], whole[..18]);
+        let g = RingFrame {
+            head: VolatileSlice::from(&mut b[..]),
+            tail: None,
+        };
+        assert_eq!(g.read_head(&mut h), 10);
+        assert_eq!(h[..10], (100u8..110).collect::<Vec<_>>()[..]);
+        let mut long: Vec<u8> = (0u8..64).collect();
+        let g = RingFrame {
+            head: VolatileSlice::from(&mut long[..]),
+            tail: None,
+        };
+        assert_eq!(g.read_head(&mut h), 18);
+        assert_eq!(h[..], (0u8..18).collect::<Vec<_>>()[..]);
     }
 
     #[test]
