@@ -1,7 +1,9 @@
 #![allow(missing_docs)]
 //! Criterion benchmarks of the switch core: one frame forwarded per iteration through
 //! `Switch::forward` into a sink that copies it (the cost a real destination pays), for known
-//! unicast (the steady state) and broadcast (flooding to every other port).
+//! unicast (the steady state) and broadcast (flooding to every other port); and batches of 64
+//! frames through `Switch::forward_burst` (how the virtio TX path hands frames over), whose
+//! unicast run reaches the sink in one `PortSink::deliver_burst` call.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -71,5 +73,40 @@ fn bench_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_forward);
+fn bench_forward_burst(c: &mut Criterion) {
+    const BURST: usize = 64;
+    let mut g = c.benchmark_group("switch_forward_burst");
+    for &len in &[64usize, 1500] {
+        let sw = Switch::new(SwitchConfig::default());
+        let ids: Vec<_> = (0..2)
+            .map(|_| {
+                sw.add_port(
+                    PortConfig::default(),
+                    Arc::new(CopySink {
+                        buf: Mutex::new(vec![0u8; 65536]),
+                    }),
+                )
+            })
+            .collect();
+        let mut batch = sw.new_batch();
+        sw.begin(&mut batch);
+        let learn = frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 2], 64);
+        sw.forward(&mut batch, ids[1], &SliceFrame(&learn), &NetHdr::NONE);
+        sw.end(&mut batch);
+        let f = frame([0x52, 0x54, 0, 0, 0, 2], [0x52, 0x54, 0, 0, 0, 1], len);
+        let frames = [SliceFrame(&f); BURST];
+        let hdrs = [NetHdr::NONE; BURST];
+        g.throughput(Throughput::Elements(BURST as u64));
+        g.bench_with_input(BenchmarkId::new("unicast", len), &len, |b, _| {
+            b.iter(|| {
+                sw.begin(&mut batch);
+                sw.forward_burst(&mut batch, ids[0], &frames, &hdrs);
+                sw.end(&mut batch);
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_forward, bench_forward_burst);
 criterion_main!(benches);
