@@ -10,7 +10,8 @@ use std::sync::Mutex;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use virtnet::switch::{
-    DropReason, Frame, NetHdr, PortConfig, PortSink, SliceFrame, Switch, SwitchConfig,
+    DropReason, Frame, NetHdr, PortConfig, PortId, PortSink, SliceFrame, Switch, SwitchConfig,
+    TxBatch,
 };
 
 /// A destination that copies every frame into its own preallocated buffer.
@@ -35,6 +36,28 @@ fn frame(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
     f
 }
 
+/// A switch with `nports` copying ports, which has learned that 52:54:00:00:00:02 is behind
+/// the second one.
+fn switch(nports: usize) -> (Arc<Switch>, Vec<PortId>, TxBatch) {
+    let sw = Switch::new(SwitchConfig::default());
+    let ids: Vec<_> = (0..nports)
+        .map(|_| {
+            sw.add_port(
+                PortConfig::default(),
+                Arc::new(CopySink {
+                    buf: Mutex::new(vec![0u8; 65536]),
+                }),
+            )
+        })
+        .collect();
+    let mut batch = sw.new_batch();
+    sw.begin(&mut batch);
+    let learn = frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 2], 64);
+    sw.forward(&mut batch, ids[1], &SliceFrame(&learn), &NetHdr::NONE);
+    sw.end(&mut batch);
+    (sw, ids, batch)
+}
+
 fn bench_forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("switch_forward");
     for &len in &[64usize, 512, 1500] {
@@ -42,23 +65,7 @@ fn bench_forward(c: &mut Criterion) {
             ("unicast", 2usize, [0x52, 0x54, 0, 0, 0, 2]),
             ("broadcast_4ports", 4, [0xff; 6]),
         ] {
-            let sw = Switch::new(SwitchConfig::default());
-            let ids: Vec<_> = (0..nports)
-                .map(|_| {
-                    sw.add_port(
-                        PortConfig::default(),
-                        Arc::new(CopySink {
-                            buf: Mutex::new(vec![0u8; 65536]),
-                        }),
-                    )
-                })
-                .collect();
-            let mut batch = sw.new_batch();
-            // Teach the switch where the destination lives.
-            sw.begin(&mut batch);
-            let learn = frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 2], 64);
-            sw.forward(&mut batch, ids[1], &SliceFrame(&learn), &NetHdr::NONE);
-            sw.end(&mut batch);
+            let (sw, ids, mut batch) = switch(nports);
             let f = frame(dst, [0x52, 0x54, 0, 0, 0, 1], len);
             g.throughput(Throughput::Elements(1));
             g.bench_with_input(BenchmarkId::new(label, len), &f, |b, f| {
@@ -77,22 +84,7 @@ fn bench_forward_burst(c: &mut Criterion) {
     const BURST: usize = 64;
     let mut g = c.benchmark_group("switch_forward_burst");
     for &len in &[64usize, 1500] {
-        let sw = Switch::new(SwitchConfig::default());
-        let ids: Vec<_> = (0..2)
-            .map(|_| {
-                sw.add_port(
-                    PortConfig::default(),
-                    Arc::new(CopySink {
-                        buf: Mutex::new(vec![0u8; 65536]),
-                    }),
-                )
-            })
-            .collect();
-        let mut batch = sw.new_batch();
-        sw.begin(&mut batch);
-        let learn = frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 2], 64);
-        sw.forward(&mut batch, ids[1], &SliceFrame(&learn), &NetHdr::NONE);
-        sw.end(&mut batch);
+        let (sw, ids, mut batch) = switch(2);
         let f = frame([0x52, 0x54, 0, 0, 0, 2], [0x52, 0x54, 0, 0, 0, 1], len);
         let frames = [SliceFrame(&f); BURST];
         let hdrs = [NetHdr::NONE; BURST];

@@ -70,10 +70,22 @@ enum Ev {
     Data(Vec<u8>),
     Eof,
     Reset,
-    Inbound { guest: u8, port: u16, v6: bool },
+    Inbound {
+        guest: u8,
+        port: u16,
+        v6: bool,
+    },
     UdpRecv(Vec<u8>),
-    UdpInbound { guest: u8, port: u16, v6: bool, data: Vec<u8> },
-    Echo { seq: u16, data: Vec<u8> },
+    UdpInbound {
+        guest: u8,
+        port: u16,
+        v6: bool,
+        data: Vec<u8>,
+    },
+    Echo {
+        seq: u16,
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -84,9 +96,16 @@ enum Op {
         truncate: Option<u16>,
     },
     /// A host event for the n-th flow id the engine handed out (or a made-up one).
-    Host { flow: u16, ev: Ev },
-    Advance { ms: u16 },
-    GuestLeaves { guest: u8 },
+    Host {
+        flow: u16,
+        ev: Ev,
+    },
+    Advance {
+        ms: u16,
+    },
+    GuestLeaves {
+        guest: u8,
+    },
 }
 
 fn guest_mac(g: u8) -> [u8; 6] {
@@ -289,7 +308,11 @@ fn guest_addr(g: u8, port: u16, v6addr: bool) -> SocketAddr {
 fn check_out(f: &[u8]) {
     assert!(f.len() >= 14, "runt frame from the gateway: {f:?}");
     assert_eq!(f[6..12], GW_MAC, "frame not from the gateway's MAC");
-    assert!(f.len() <= 1514 + 4, "frame longer than the link MTU: {}", f.len());
+    assert!(
+        f.len() <= 1514 + 4,
+        "frame longer than the link MTU: {}",
+        f.len()
+    );
 }
 
 fuzz_target!(|ops: Vec<Op>| {

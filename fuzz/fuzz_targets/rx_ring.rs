@@ -19,32 +19,16 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
+use virtnet_fuzz::ring::{
+    jump_avail, memory, patch, push_avail, store, RawDesc, BUF_START, F_INDIRECT, F_NEXT, F_WRITE,
+    REGION_A, REGION_B, USED_RING,
+};
 use virtnet_fuzz::FrameSpec;
 use virtnet_switch::{DropReason, Frame, NetHdr, SliceFrame};
 use virtnet_virtio::ctrl::RxFilter;
 use virtnet_virtio::rx::{RxEngine, RxParams};
 use virtnet_virtio::virtio_net::{features as F, Negotiated};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
-
-/// Guest memory: [0, 128 KiB) and [192 KiB, 320 KiB). Rings live at 0; buffers from BUF_START.
-const REGION_A: (u64, usize) = (0, 0x2_0000);
-const REGION_B: (u64, usize) = (0x3_0000, 0x2_0000);
-const BUF_START: u64 = 0x4000;
-/// The used ring, placed by hand (`MockSplitQueue` in virtio-queue 0.18 lays it over the second
-/// half of the avail ring; see the tx_chain target).
-const USED_RING: u64 = 0x2000;
-
-#[derive(Arbitrary, Debug)]
-struct RawDesc {
-    addr: u32,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
 
 #[derive(Arbitrary, Debug)]
 enum Post {
@@ -78,18 +62,6 @@ struct Input {
     extra_heads: Vec<u16>,
     avail_jump: Option<u16>,
     frames: Vec<FrameIn>,
-}
-
-fn store(mock: &MockSplitQueue<'_, GuestMemoryMmap>, size: u16, idx: u16, d: Descriptor) {
-    let _ = mock.desc_table().store(idx % size, RawDescriptor::from(d));
-}
-
-fn push_avail(mock: &MockSplitQueue<'_, GuestMemoryMmap>, size: u16, head: u16) {
-    let idx = u16::from_le(mock.avail().idx().load());
-    if let Ok(r) = mock.avail().ring().ref_at(usize::from(idx % size)) {
-        r.store(u16::to_le(head));
-    }
-    mock.avail().idx().store(u16::to_le(idx.wrapping_add(1)));
 }
 
 /// Lay out the guest's RX ring in `mem` as `input` says; the same input gives the same bytes.
@@ -169,32 +141,17 @@ fn build(mem: &GuestMemoryMmap, input: &Input, size: u16) -> Option<Queue> {
         push_avail(&mock, size, head);
     }
     for (idx, d) in input.patches.iter().take(16) {
-        let addr = u64::from(d.addr) % (REGION_B.0 + REGION_B.1 as u64 + 0x1000);
-        store(
-            &mock,
-            size,
-            *idx,
-            Descriptor::new(addr, d.len, d.flags, d.next),
-        );
+        patch(&mock, size, *idx, d);
     }
     for &h in input.extra_heads.iter().take(8) {
         push_avail(&mock, size, h);
     }
     if let Some(j) = input.avail_jump {
-        let idx = u16::from_le(mock.avail().idx().load());
-        mock.avail().idx().store(u16::to_le(idx.wrapping_add(j)));
+        jump_avail(&mock, j);
     }
     let mut q = mock.create_queue::<Queue>().ok()?;
     q.set_used_ring_address(Some(USED_RING as u32), Some(0));
     Some(q)
-}
-
-fn memory() -> Option<GuestMemoryMmap> {
-    GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(REGION_A.0), REGION_A.1),
-        (GuestAddress(REGION_B.0), REGION_B.1),
-    ])
-    .ok()
 }
 
 fn contents(mem: &GuestMemoryMmap) -> Vec<u8> {

@@ -22,32 +22,15 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
+use virtnet_fuzz::ring::{
+    jump_avail, memory, patch, push_avail, store, RawDesc, BUF_START, F_INDIRECT, F_NEXT, F_WRITE,
+    REGION_A, REGION_B, USED_RING,
+};
 use virtnet_fuzz::{corrupt, Corruption, FrameSpec};
 use virtnet_switch::{DropReason, Frame, NetHdr, PortConfig, PortSink, Switch, SwitchConfig};
 use virtnet_virtio::tx::{process_tx_queue, TxParams, TxScratch, TX_BATCH};
 use virtnet_virtio::virtio_net::{emit_hdr, MAX_FRAME_LEN};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
-
-/// Guest memory: [0, 128 KiB) and [192 KiB, 320 KiB). Rings live at 0; buffers from BUF_START.
-const REGION_A: (u64, usize) = (0, 0x2_0000);
-const REGION_B: (u64, usize) = (0x3_0000, 0x2_0000);
-const BUF_START: u64 = 0x4000;
-/// The used ring, placed by hand: `MockSplitQueue` (virtio-queue 0.18) lays it out from
-/// `SplitQueueRing::end()`, which adds the avail ring's element count instead of its byte length,
-/// so its used ring overlaps the second half of the avail ring.
-const USED_RING: u64 = 0x2000;
-
-#[derive(Arbitrary, Debug)]
-struct RawDesc {
-    addr: u32,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
+use vm_memory::{Bytes, GuestAddress};
 
 #[derive(Arbitrary, Debug)]
 struct ChainSpec {
@@ -138,29 +121,8 @@ impl Bump {
     }
 }
 
-fn store(mock: &MockSplitQueue<'_, GuestMemoryMmap>, size: u16, idx: u16, d: Descriptor) {
-    let _ = mock.desc_table().store(idx % size, RawDescriptor::from(d));
-}
-
-fn push_avail(
-    mock: &MockSplitQueue<'_, GuestMemoryMmap>,
-    size: u16,
-    head: u16,
-    heads: &mut Vec<u16>,
-) {
-    heads.push(head);
-    let idx = u16::from_le(mock.avail().idx().load());
-    if let Ok(r) = mock.avail().ring().ref_at(usize::from(idx % size)) {
-        r.store(u16::to_le(head));
-    }
-    mock.avail().idx().store(u16::to_le(idx.wrapping_add(1)));
-}
-
 fuzz_target!(|input: Input| {
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(REGION_A.0), REGION_A.1),
-        (GuestAddress(REGION_B.0), REGION_B.1),
-    ]) else {
+    let Some(mem) = memory() else {
         return;
     };
     let size: u16 = 1 << (input.queue_size_log2 % 9);
@@ -261,25 +223,20 @@ fuzz_target!(|input: Input| {
             }
         }
         next_desc += slots;
-        push_avail(&mock, size, head, &mut heads);
+        push_avail(&mock, size, head);
+        heads.push(head);
         expected.push(frame.clone());
     }
     // Then hostile edits.
     for (idx, d) in input.patches.iter().take(16) {
-        let addr = u64::from(d.addr) % (REGION_B.0 + REGION_B.1 as u64 + 0x1000);
-        store(
-            &mock,
-            size,
-            *idx,
-            Descriptor::new(addr, d.len, d.flags, d.next),
-        );
+        patch(&mock, size, *idx, d);
     }
     for &h in input.extra_heads.iter().take(8) {
-        push_avail(&mock, size, h, &mut heads);
+        push_avail(&mock, size, h);
+        heads.push(h);
     }
     if let Some(j) = input.avail_jump {
-        let idx = u16::from_le(mock.avail().idx().load());
-        mock.avail().idx().store(u16::to_le(idx.wrapping_add(j)));
+        jump_avail(&mock, j);
     }
     let hand_made = !input.patches.is_empty() || !input.extra_heads.is_empty();
     // With a jumped index the ring holds entries nobody wrote: ids cannot be predicted.

@@ -274,3 +274,85 @@ mod tests {
         }
     }
 }
+
+/// A split virtqueue in a guest memory of two regions with a hole between them, shared by the
+/// targets that drive the virtio engines (descriptor table and avail ring from virtio-queue's
+/// `MockSplitQueue`, used ring placed by hand).
+pub mod ring {
+    use arbitrary::Arbitrary;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// Descriptor flag: the chain goes on at `next`.
+    pub const F_NEXT: u16 = 1;
+    /// Descriptor flag: device-writable.
+    pub const F_WRITE: u16 = 2;
+    /// Descriptor flag: the buffer is a table of descriptors.
+    pub const F_INDIRECT: u16 = 4;
+
+    /// The first region: [0, 128 KiB). Rings live at 0.
+    pub const REGION_A: (u64, usize) = (0, 0x2_0000);
+    /// The second region: [192 KiB, 320 KiB).
+    pub const REGION_B: (u64, usize) = (0x3_0000, 0x2_0000);
+    /// Where buffers start.
+    pub const BUF_START: u64 = 0x4000;
+    /// The used ring, placed by hand: `MockSplitQueue` (virtio-queue 0.18) lays it out from
+    /// `SplitQueueRing::end()`, which adds the avail ring's element count instead of its byte
+    /// length, so its used ring overlaps the second half of the avail ring.
+    pub const USED_RING: u64 = 0x2000;
+
+    /// A raw descriptor as a hostile guest may write it.
+    #[derive(Arbitrary, Debug)]
+    pub struct RawDesc {
+        /// Guest address (reduced into and just past the two regions by [`patch`]).
+        pub addr: u32,
+        /// Length.
+        pub len: u32,
+        /// Flags.
+        pub flags: u16,
+        /// Next index.
+        pub next: u16,
+    }
+
+    /// The guest memory: the two regions.
+    pub fn memory() -> Option<GuestMemoryMmap> {
+        GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(REGION_A.0), REGION_A.1),
+            (GuestAddress(REGION_B.0), REGION_B.1),
+        ])
+        .ok()
+    }
+
+    /// Write descriptor `idx` (modulo the queue size).
+    pub fn store(mock: &MockSplitQueue<'_, GuestMemoryMmap>, size: u16, idx: u16, d: Descriptor) {
+        let _ = mock.desc_table().store(idx % size, RawDescriptor::from(d));
+    }
+
+    /// Overwrite descriptor `idx` with `d`, its address reduced to the two regions and a page
+    /// past them.
+    pub fn patch(mock: &MockSplitQueue<'_, GuestMemoryMmap>, size: u16, idx: u16, d: &RawDesc) {
+        let addr = u64::from(d.addr) % (REGION_B.0 + REGION_B.1 as u64 + 0x1000);
+        store(
+            mock,
+            size,
+            idx,
+            Descriptor::new(addr, d.len, d.flags, d.next),
+        );
+    }
+
+    /// Make `head` available.
+    pub fn push_avail(mock: &MockSplitQueue<'_, GuestMemoryMmap>, size: u16, head: u16) {
+        let idx = u16::from_le(mock.avail().idx().load());
+        if let Ok(r) = mock.avail().ring().ref_at(usize::from(idx % size)) {
+            r.store(u16::to_le(head));
+        }
+        mock.avail().idx().store(u16::to_le(idx.wrapping_add(1)));
+    }
+
+    /// Move the avail index `j` entries ahead without writing them (a lying driver).
+    pub fn jump_avail(mock: &MockSplitQueue<'_, GuestMemoryMmap>, j: u16) {
+        let idx = u16::from_le(mock.avail().idx().load());
+        mock.avail().idx().store(u16::to_le(idx.wrapping_add(j)));
+    }
+}

@@ -1091,6 +1091,12 @@ pub fn ring_slot(idx: u16, size: u16) -> u16 {
     }
 }
 
+/// The bytes of `struct virtq_used_elem { le32 id; le32 len; }`.
+#[inline(always)]
+fn used_elem(head: u16, len: u32) -> [u8; 8] {
+    (u64::from(head) | u64::from(len) << 32).to_le_bytes()
+}
+
 /// [`write_used_elem`] with a [`RegionCache`] built by the caller.
 #[inline]
 pub fn write_used_elem_in(
@@ -1102,9 +1108,7 @@ pub fn write_used_elem_in(
 ) -> Result<()> {
     let size = queue.size().max(1);
     let off = 4 + u64::from(ring_slot(slot, size)) * 8;
-    let mut b = [0u8; 8];
-    b[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-    b[4..].copy_from_slice(&len.to_le_bytes());
+    let b = used_elem(head, len);
     let addr = queue.used_ring().checked_add(off).ok_or(Error::UsedRing(
         vm_memory::GuestMemoryError::InvalidBackendAddress,
     ))?;
@@ -1151,8 +1155,7 @@ impl<'m> UsedRing<'m> {
             // `entries` is only set for power-of-two sizes.
             let off = usize::from(slot & (self.size - 1)) * 8;
             if let Ok(r) = e.get_ref::<[u8; 8]>(off) {
-                // `struct virtq_used_elem { le32 id; le32 len; }`
-                r.store((u64::from(head) | u64::from(len) << 32).to_le_bytes());
+                r.store(used_elem(head, len));
                 return Ok(());
             }
         }

@@ -110,6 +110,22 @@ struct RxChain {
     end: usize,
 }
 
+/// A queue's descriptor table and used ring, each translated once per delivery call.
+#[derive(Clone, Copy, Debug)]
+struct Rings<'m> {
+    desc: DescTable<'m>,
+    used: UsedRing<'m>,
+}
+
+impl<'m> Rings<'m> {
+    fn new(cache: &RegionCache<'m>, queue: &Queue) -> Self {
+        Rings {
+            desc: DescTable::new(cache, queue),
+            used: UsedRing::new(cache, queue),
+        }
+    }
+}
+
 /// The ring side of the engine (split from the segmenter so both can be borrowed).
 #[derive(Debug)]
 struct RxRing {
@@ -185,12 +201,12 @@ impl RxEngine {
         hdr: &NetHdr,
     ) -> Result<(), DropReason> {
         let cache = RegionCache::new(mem);
-        let table = DescTable::new(&cache, queue);
-        self.deliver_in(&cache, &table, queue, frame, hdr)
+        let rings = Rings::new(&cache, queue);
+        self.deliver_in(&cache, &rings, queue, frame, hdr)
     }
 
     /// [`RxEngine::deliver`] for a run of frames, in order: `out[i]` gets frame `i`'s result.
-    /// Guest memory and the descriptor table are looked up once for the run.
+    /// Guest memory, the descriptor table and the used ring are looked up once for the run.
     pub fn deliver_burst(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -200,14 +216,14 @@ impl RxEngine {
         out: &mut [Result<(), DropReason>],
     ) {
         let cache = RegionCache::new(mem);
-        let table = DescTable::new(&cache, queue);
+        let rings = Rings::new(&cache, queue);
         let n = frames.len().min(hdrs.len()).min(out.len());
         let mut i = 0;
         while i < n {
             if !self.filter.active {
                 i += self.ring.write_lone_run(
                     &cache,
-                    &table,
+                    &rings,
                     queue,
                     &frames[i..n],
                     &hdrs[i..n],
@@ -218,7 +234,7 @@ impl RxEngine {
                 }
             }
             // The first frame of a burst, and any the run above cannot take.
-            out[i] = self.deliver_in(&cache, &table, queue, frames[i], &hdrs[i]);
+            out[i] = self.deliver_in(&cache, &rings, queue, frames[i], &hdrs[i]);
             i += 1;
         }
     }
@@ -227,7 +243,7 @@ impl RxEngine {
     fn deliver_in(
         &mut self,
         cache: &RegionCache<'_>,
-        table: &DescTable<'_>,
+        rings: &Rings<'_>,
         queue: &mut Queue,
         frame: &dyn Frame,
         hdr: &NetHdr,
@@ -240,12 +256,12 @@ impl RxEngine {
         }
         let caps = self.ring.params.caps;
         if caps.accepts(hdr) {
-            return self.ring.write_frame(cache, table, queue, frame, hdr);
+            return self.ring.write_frame(cache, rings, queue, frame, hdr);
         }
         let ring = &mut self.ring;
         self.seg
             .adapt(frame, hdr, caps, &mut |f, h| {
-                ring.write_frame(cache, table, queue, f, h)
+                ring.write_frame(cache, rings, queue, f, h)
             })
             .map(|_| ())
     }
@@ -290,7 +306,7 @@ impl RxRing {
     fn write_frame(
         &mut self,
         cache: &RegionCache<'_>,
-        table: &DescTable<'_>,
+        rings: &Rings<'_>,
         queue: &mut Queue,
         frame: &dyn Frame,
         hdr: &NetHdr,
@@ -321,12 +337,11 @@ impl RxRing {
             if let Some(head) = first_head {
                 // Fast path: the first chain is one writable descriptor that holds the whole
                 // frame (no chain walk, no piece list).
-                if let Some(buf) = desc::lone_write_buffer(cache, table, head, need) {
+                if let Some(buf) = desc::lone_write_buffer(cache, &rings.desc, head, need) {
                     if self.burst_avail.is_some() {
                         self.burst_avail = Some(Some(avail.idx()));
                     }
-                    let used = UsedRing::new(cache, queue);
-                    return self.write_lone(cache, &used, queue, head, &buf, frame, hdr);
+                    return self.write_lone(cache, &rings.used, queue, head, &buf, frame, hdr);
                 }
             }
             while cap < need {
@@ -374,7 +389,9 @@ impl RxRing {
             // Return every chain taken for this frame, unused, and drop the frame.
             for (k, ch) in self.chains.iter().enumerate() {
                 let slot = base.wrapping_add(k as u16);
-                desc::write_used_elem_in(cache, queue, slot, ch.head, 0)
+                rings
+                    .used
+                    .write(cache, queue, slot, ch.head, 0)
                     .map_err(|_| DropReason::Malformed)?;
             }
             self.pending = self.pending.wrapping_add(self.chains.len() as u16);
@@ -421,7 +438,9 @@ impl RxRing {
             let slot = base.wrapping_add(k as u16);
             // written <= chain length <= u32::MAX (descriptor lengths are u32 and the walk
             // stops at the frame size here).
-            desc::write_used_elem_in(cache, queue, slot, ch.head, written as u32)
+            rings
+                .used
+                .write(cache, queue, slot, ch.head, written as u32)
                 .map_err(|_| DropReason::Malformed)?;
         }
         self.pending = self.pending.wrapping_add(nb);
@@ -437,7 +456,7 @@ impl RxRing {
     fn write_lone_run(
         &mut self,
         cache: &RegionCache<'_>,
-        table: &DescTable<'_>,
+        rings: &Rings<'_>,
         queue: &mut Queue,
         frames: &[&dyn Frame],
         hdrs: &[NetHdr],
@@ -449,7 +468,6 @@ impl RxRing {
         let Ok(mut avail) = AvailCursor::resume(cache, queue, idx) else {
             return 0;
         };
-        let used = UsedRing::new(cache, queue);
         let caps = self.params.caps;
         let mut done = 0;
         for ((f, h), o) in frames.iter().zip(hdrs).zip(out.iter_mut()) {
@@ -461,12 +479,12 @@ impl RxRing {
             let Some(head) = avail.next(queue) else {
                 break;
             };
-            let Some(buf) = desc::lone_write_buffer(cache, table, head, self.params.hdr_len + flen)
-            else {
+            let need = self.params.hdr_len + flen;
+            let Some(buf) = desc::lone_write_buffer(cache, &rings.desc, head, need) else {
                 queue.set_next_avail(at);
                 break;
             };
-            *o = self.write_lone(cache, &used, queue, head, &buf, *f, h);
+            *o = self.write_lone(cache, &rings.used, queue, head, &buf, *f, h);
             done += 1;
         }
         done
@@ -1371,6 +1389,17 @@ mod tests {
         assert!(!s.is_running());
     }
 
+    /// A sink of `pairs` queue pairs whose driver acked VERSION_1 and MRG_RXBUF.
+    fn mrg_sink(pairs: u16) -> RxSink {
+        let s = RxSink::new("t", pairs, RxFilter::new(None));
+        s.set_params(RxParams::new(&Negotiated::new(f::VERSION_1 | f::MRG_RXBUF)));
+        s
+    }
+
+    fn as_frames<'a>(views: &'a [SliceFrame<'_>]) -> Vec<&'a dyn Frame> {
+        views.iter().map(|f| f as &dyn Frame).collect()
+    }
+
     /// A live vring over `d`'s queue, as the vhost-user handler would set it up.
     fn live_vring(gm: &Gm, d: &Driver<'_>, size: u16) -> Vring {
         let q = d.queue();
@@ -1392,8 +1421,7 @@ mod tests {
             d.chain(&[(0x10_0000 + i * 0x1000, 2048, true)]);
         }
         let vring = live_vring(&gm, &d, 16);
-        let s = Arc::new(RxSink::new("t", 1, RxFilter::new(None)));
-        s.set_params(RxParams::new(&Negotiated::new(f::VERSION_1 | f::MRG_RXBUF)));
+        let s = Arc::new(mrg_sink(1));
         s.attach(0, &vring, &gm);
         assert!(s.is_running());
         // A burst of three: written, but neither the used index nor the vring's avail
@@ -1488,12 +1516,11 @@ mod tests {
         }
         d.chain(&[(0x10_3000, 40, true), (0x10_4000, 2048, true)]);
         let vring = live_vring(&gm, &d, 16);
-        let s = RxSink::new("t", 1, RxFilter::new(None));
-        s.set_params(RxParams::new(&Negotiated::new(f::VERSION_1 | f::MRG_RXBUF)));
+        let s = mrg_sink(1);
         s.attach(0, &vring, &gm);
         let frames: Vec<Vec<u8>> = (0..6).map(|i| eth(60 + i, 1, 2)).collect();
         let views: Vec<SliceFrame<'_>> = frames.iter().map(|f| SliceFrame(f)).collect();
-        let refs: Vec<&dyn Frame> = views.iter().map(|f| f as &dyn Frame).collect();
+        let refs = as_frames(&views);
         let hdrs = vec![NetHdr::NONE; 6];
         let mut out = vec![Ok(()); 6];
         s.deliver_burst(&refs, &hdrs, &mut out);
@@ -1552,8 +1579,7 @@ mod tests {
             d1.chain(&[(0x20_0000 + i * 0x1000, 2048, true)]);
         }
         let (v0, v1) = (live_vring(&gm, &d0, 32), live_vring(&gm, &d1, 16));
-        let s = RxSink::new("t", 2, RxFilter::new(None));
-        s.set_params(RxParams::new(&Negotiated::new(f::VERSION_1 | f::MRG_RXBUF)));
+        let s = mrg_sink(2);
         s.set_active_pairs(2);
         // Six TCP frames of flows (source ports) that hash to both queues; byte 60 numbers
         // them.
@@ -1572,7 +1598,7 @@ mod tests {
             .collect();
         assert!(queue.contains(&0) && queue.contains(&1), "{queue:?}");
         let views: Vec<SliceFrame<'_>> = frames.iter().map(|f| SliceFrame(f)).collect();
-        let refs: Vec<&dyn Frame> = views.iter().map(|f| f as &dyn Frame).collect();
+        let refs = as_frames(&views);
         let hdrs = vec![NetHdr::NONE; 6];
         let mut out = vec![Err(DropReason::Malformed); 6];
         // Only queue 0 runs: every flow falls back to it, in order.

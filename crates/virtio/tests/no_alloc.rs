@@ -9,16 +9,15 @@
 //! the occasional allocation of the machinery around it (thread wake-ups, timers), far fewer.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtnet_guest::{Guest, GuestConfig, NetHdr, DEFAULT_FEATURES};
-use virtnet_switch::hdr::{FLAG_NEEDS_CSUM, GSO_TCPV4};
-use virtnet_switch::{MacAddr, Switch, SwitchConfig};
+use virtnet_switch::{Switch, SwitchConfig};
 use virtnet_virtio::virtio_net::features as F;
-use virtnet_virtio::{NetConfig, NetPort};
+
+mod common;
+use common::{eth, mac, port, tcp4};
 
 /// Counts every allocation (and reallocation) of the process, then lets `System` do it.
 struct Counting;
@@ -58,48 +57,6 @@ static GLOBAL: Counting = Counting;
 
 const T: Duration = Duration::from_secs(5);
 
-fn mac(n: u8) -> [u8; 6] {
-    [0x52, 0x54, 0, 0, 0, n]
-}
-
-fn port(sw: &Arc<Switch>, dir: &Path, n: u8) -> NetPort {
-    let cfg = NetConfig {
-        name: format!("vm{n}"),
-        mac: Some(MacAddr(mac(n))),
-        ..Default::default()
-    };
-    NetPort::listen(sw.clone(), cfg, &dir.join(format!("vm{n}.sock"))).unwrap()
-}
-
-/// A frame of `len` bytes from vm1 to vm2: plain (EtherType 0x88b5), or when `gso` a TCPv4
-/// frame with a TSO header (MSS 1448, partial checksum) as Linux sends.
-fn frame(len: usize, gso: bool) -> (Vec<u8>, NetHdr) {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&mac(2));
-    f[6..12].copy_from_slice(&mac(1));
-    f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
-    if !gso {
-        return (f, NetHdr::NONE);
-    }
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
-    f[22] = 64;
-    f[23] = 6;
-    f[26..30].copy_from_slice(&[10, 0, 0, 1]);
-    f[30..34].copy_from_slice(&[10, 0, 0, 2]);
-    f[46] = 0x50;
-    let hdr = NetHdr {
-        flags: FLAG_NEEDS_CSUM,
-        gso_type: GSO_TCPV4,
-        hdr_len: 54,
-        gso_size: 1448,
-        csum_start: 34,
-        csum_offset: 16,
-    };
-    (f, hdr)
-}
-
 /// Send `count` copies of `f` from `a` to `b` in batches, each batch received before the next
 /// goes (so no frame is dropped for want of RX buffers); returns the frames `b` received.
 fn pump(a: &mut Guest, b: &mut Guest, f: &[u8], hdr: NetHdr, count: usize, per: usize) -> usize {
@@ -135,7 +92,7 @@ fn pump(a: &mut Guest, b: &mut Guest, f: &[u8], hdr: NetHdr, count: usize, per: 
 fn steady_traffic_allocates_nothing_per_frame() {
     let dir = tempfile::tempdir().unwrap();
     let sw = Switch::new(SwitchConfig::default());
-    let (pa, pb) = (port(&sw, dir.path(), 1), port(&sw, dir.path(), 2));
+    let (pa, pb) = (port(&sw, dir.path(), 1, 1), port(&sw, dir.path(), 2, 1));
     let mut a = Guest::connect(pa.socket_path(), GuestConfig::default()).unwrap();
     // The receiver takes no TSO: GSO frames are segmented by the switch on the way.
     let mut b = Guest::connect(
@@ -152,30 +109,28 @@ fn steady_traffic_allocates_nothing_per_frame() {
         std::thread::sleep(Duration::from_millis(5));
     }
     // vm2 announces itself so frames to it are unicast, not flooded.
-    let (mut hello, _) = frame(60, false);
-    hello[..6].copy_from_slice(&[0xff; 6]);
-    hello[6..12].copy_from_slice(&mac(2));
-    b.send(0, &NetHdr::NONE, &hello).unwrap();
+    b.send(0, &NetHdr::NONE, &eth([0xff; 6], mac(2), 60, 0))
+        .unwrap();
     assert!(a.recv(0, T).unwrap().is_some());
 
-    // (frame length, GSO, frames the receiver gets per frame sent, frames to send)
+    // (frame, header, frames the receiver gets per frame sent, frames to send)
+    let (gso, gso_hdr) = tcp4(10_000, mac(1), mac(2));
     let loads = [
-        (60, false, 1, 20_000),
-        (1514, false, 1, 20_000),
+        (eth(mac(2), mac(1), 60, 0), NetHdr::NONE, 1, 20_000),
+        (eth(mac(2), mac(1), 1514, 0), NetHdr::NONE, 1, 20_000),
         // 10 000 bytes of TCP payload at MSS 1448: 7 segments.
-        (54 + 10_000, true, 7, 3_000),
+        (gso, gso_hdr, 7, 3_000),
     ];
-    for (len, gso, per, count) in loads {
-        let (f, hdr) = frame(len, gso);
+    for (f, hdr, per, count) in loads {
         // Warm-up: every buffer, batch and scratch area reaches its working size.
         assert_eq!(pump(&mut a, &mut b, &f, hdr, 2_000, per), 2_000 * per);
         let before = ALLOCS.load(Ordering::Relaxed);
         let got = pump(&mut a, &mut b, &f, hdr, count, per);
         let allocs = ALLOCS.load(Ordering::Relaxed) - before;
         assert_eq!(got, count * per);
+        let (len, gso) = (f.len(), if hdr.gso_type != 0 { " GSO" } else { "" });
         eprintln!(
-            "{len} B{}: {count} frames sent, {got} received, {allocs} allocations in the process",
-            if gso { " GSO" } else { "" }
+            "{len} B{gso}: {count} frames sent, {got} received, {allocs} allocations in the process"
         );
         assert!(
             allocs < (count / 100) as u64,

@@ -1,42 +1,18 @@
 //! Socket-level tests: real `NetPort`s on a switch, driven by `virtnet-guest` frontends over
 //! vhost-user (memfd guest memory, eventfds, the whole protocol).
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtnet_guest::{Guest, GuestConfig, NetHdr, DEFAULT_FEATURES};
-use virtnet_switch::hdr::{FLAG_NEEDS_CSUM, GSO_TCPV4};
-use virtnet_switch::{DropReason, MacAddr, Switch, SwitchConfig};
+use virtnet_switch::hdr::GSO_TCPV4;
+use virtnet_switch::{DropReason, Switch, SwitchConfig};
 use virtnet_virtio::virtio_net::features as F;
-use virtnet_virtio::{NetConfig, NetPort};
+use virtnet_virtio::NetPort;
+
+mod common;
+use common::{eth, mac, port, tcp4};
 
 const T: Duration = Duration::from_secs(2);
-
-fn mac(n: u8) -> [u8; 6] {
-    [0x52, 0x54, 0, 0, 0, n]
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&dst);
-    f[6..12].copy_from_slice(&src);
-    f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
-    for (i, b) in f.iter_mut().enumerate().skip(14) {
-        *b = (i as u8).wrapping_add(seed);
-    }
-    f
-}
-
-fn port(sw: &Arc<Switch>, dir: &Path, n: u8, pairs: u16) -> NetPort {
-    let cfg = NetConfig {
-        name: format!("vm{n}"),
-        mac: Some(MacAddr(mac(n))),
-        queue_pairs: pairs,
-        ..Default::default()
-    };
-    NetPort::listen(sw.clone(), cfg, &dir.join(format!("vm{n}.sock"))).unwrap()
-}
 
 fn wait_running(p: &NetPort) {
     let deadline = Instant::now() + T;
@@ -44,36 +20,6 @@ fn wait_running(p: &NetPort) {
         assert!(Instant::now() < deadline, "device never started running");
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn tcp4(payload: usize, src: [u8; 6], dst: [u8; 6]) -> (Vec<u8>, NetHdr) {
-    let mut f = vec![0u8; 54 + payload];
-    f[..6].copy_from_slice(&dst);
-    f[6..12].copy_from_slice(&src);
-    f[12] = 0x08;
-    let tot = (40 + payload).min(0xffff) as u16;
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&tot.to_be_bytes());
-    f[22] = 64;
-    f[23] = 6;
-    f[26..30].copy_from_slice(&[10, 0, 0, 1]);
-    f[30..34].copy_from_slice(&[10, 0, 0, 2]);
-    f[34..36].copy_from_slice(&5555u16.to_be_bytes());
-    f[36..38].copy_from_slice(&80u16.to_be_bytes());
-    f[46] = 0x50;
-    f[47] = 0x18;
-    for (i, b) in f[54..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    let h = NetHdr {
-        flags: FLAG_NEEDS_CSUM,
-        gso_type: GSO_TCPV4,
-        hdr_len: 54,
-        gso_size: 1448,
-        csum_start: 34,
-        csum_offset: 16,
-    };
-    (f, h)
 }
 
 #[test]
