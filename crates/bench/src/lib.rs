@@ -4,7 +4,7 @@
 //! guest → guest through a backend with two ports:
 //!
 //! - backends: **virtnetd** (an internal network of two ports) and **DPDK** `dpdk-testpmd`
-//!   with two `net_vhost` ports in io forwarding, run interleaved A B A B …;
+//!   with two `net_vhost` ports in io forwarding, run interleaved A B, B A, A B …;
 //! - frontends: our driver ([`virtnet_guest::Guest`], zero-alloc `send_batch` /
 //!   `drain_with`, guest A → guest B) and DPDK `virtio_user` (one testpmd with two ports,
 //!   `--tx-first` then mac forwarding, both directions at once; `--vuser-mode flowgen` for

@@ -16,7 +16,7 @@ use virtnet_bench::sys::CpuSet;
 #[derive(Parser, Debug)]
 #[command(name = "virtnet-bench", version, about)]
 struct Args {
-    /// A/B pairs (virtnet then DPDK) per point.
+    /// A/B pairs per point (virtnet then DPDK, then DPDK then virtnet, and so on).
     #[arg(long, default_value_t = 3)]
     pairs: usize,
     /// Measurement window per run, seconds.

@@ -73,7 +73,8 @@ impl Outcome {
     }
 }
 
-/// One A/B pair: a c2c probe, then virtnet, then DPDK.
+/// One A/B pair: a c2c probe, then virtnet and DPDK (in alternating order, see
+/// [`crate::run::virtnet_first`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Pair {
     /// Core-to-core round trip (frontend CPU ↔ backend CPU) measured just before the pair.
