@@ -1383,7 +1383,11 @@ impl RxQueue {
                         return Err(self.bug("used len shorter than virtio_net_hdr", u));
                     }
                     let mut hb = [0u8; 12];
-                    mem.read(addr, &mut hb[..hlen])?;
+                    if hlen == hb.len() {
+                        hb = mem.read_array(addr)?;
+                    } else {
+                        mem.read(addr, &mut hb[..hlen])?;
+                    }
                     let (hdr, nb) = decode_hdr(&hb[..hlen]);
                     let nb = if mrg { nb } else { 1 };
                     if nb == 0 {

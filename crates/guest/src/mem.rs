@@ -64,6 +64,9 @@ pub struct GuestMem {
     base: u64,
     size: u64,
     next: u64,
+    /// Our address of the region's first byte (`mem`'s one mapping, `size` bytes long), kept
+    /// as an integer so that `GuestMem` stays `Send` and `Sync` like `GuestMemoryMmap`.
+    host: usize,
 }
 
 impl GuestMem {
@@ -89,11 +92,15 @@ impl GuestMem {
             Some(FileOffset::new(file, 0)),
         )])
         .map_err(Error::Mmap)?;
+        let host = mem
+            .get_host_address(GuestAddress(base))
+            .map_err(Error::Access)? as usize;
         Ok(GuestMem {
             mem,
             base,
             size,
             next: base,
+            host,
         })
     }
 
@@ -178,17 +185,84 @@ impl GuestMem {
             .map_err(Error::Access)
     }
 
-    /// A bounds-checked view of `[gpa, gpa + len)` in the one region, without
-    /// `GuestMemoryMmap`'s region search and generic `Bytes` plumbing (the data path calls
-    /// `read`/`write` several times per frame). `None` sends the caller to the slow path,
+    /// Writes the `N` bytes of `data` at `gpa` with one (unaligned, volatile) store when they
+    /// lie in the region: descriptors, ring entries, headers.
+    #[inline]
+    pub fn write_array<const N: usize>(&self, gpa: u64, data: [u8; N]) -> Result<()>
+    where
+        [u8; N]: vm_memory::ByteValued,
+    {
+        if let Some(s) = self.fast_slice(gpa, N) {
+            if let Ok(r) = vm_memory::VolatileMemory::get_ref::<[u8; N]>(&s, 0) {
+                r.store(data);
+                return Ok(());
+            }
+        }
+        self.write(gpa, &data)
+    }
+
+    /// Reads `N` bytes at `gpa` with one (unaligned, volatile) load when they lie in the
+    /// region.
+    #[inline]
+    pub fn read_array<const N: usize>(&self, gpa: u64) -> Result<[u8; N]>
+    where
+        [u8; N]: vm_memory::ByteValued,
+    {
+        if let Some(s) = self.fast_slice(gpa, N) {
+            if let Ok(r) = vm_memory::VolatileMemory::get_ref::<[u8; N]>(&s, 0) {
+                return Ok(r.load());
+            }
+        }
+        let mut b = [0u8; N];
+        self.read(gpa, &mut b)?;
+        Ok(b)
+    }
+
+    /// Loads a little-endian `u16` at `gpa` with `order` (ring indices and flags).
+    #[inline]
+    pub fn load_u16(&self, gpa: u64, order: std::sync::atomic::Ordering) -> Result<u16> {
+        if let Some(s) = self.fast_slice(gpa, 2) {
+            if let Ok(v) = s.load::<u16>(0, order) {
+                return Ok(u16::from_le(v));
+            }
+        }
+        self.mem
+            .load::<u16>(GuestAddress(gpa), order)
+            .map(u16::from_le)
+            .map_err(Error::Access)
+    }
+
+    /// Stores `v` little-endian at `gpa` with `order` (ring indices and flags).
+    #[inline]
+    pub fn store_u16(&self, gpa: u64, v: u16, order: std::sync::atomic::Ordering) -> Result<()> {
+        if let Some(s) = self.fast_slice(gpa, 2) {
+            if s.store(v.to_le(), 0, order).is_ok() {
+                return Ok(());
+            }
+        }
+        self.mem
+            .store(v.to_le(), GuestAddress(gpa), order)
+            .map_err(Error::Access)
+    }
+
+    /// A bounds-checked view of `[gpa, gpa + len)` in the one region, straight from the
+    /// region's address: no region search and none of `Bytes`' generic plumbing (the data path
+    /// calls `read`/`write` several times per frame). `None` sends the caller to the slow path,
     /// which also produces the error.
     #[inline]
     fn fast_slice(&self, gpa: u64, len: usize) -> Option<vm_memory::VolatileSlice<'_>> {
         let off = gpa.checked_sub(self.base)?;
-        let region = self.mem.iter().next()?;
-        region
-            .get_slice(vm_memory::MemoryRegionAddress(off), len)
-            .ok()
+        let end = off.checked_add(len as u64)?;
+        if end > self.size {
+            return None;
+        }
+        // off < end <= size, and size fits a usize (checked in `new`).
+        let off = off as usize;
+        // SAFETY: `[host + off, host + off + len)` lies inside the one mapping of `self.mem`
+        // (`size` bytes from `host`, checked just above), which lives as long as `self` and so
+        // outlives the returned slice's borrow of `self`. Guest memory is shared with the
+        // device, which is exactly what a `VolatileSlice` (volatile accesses only) allows.
+        Some(unsafe { vm_memory::VolatileSlice::new((self.host + off) as *mut u8, len) })
     }
 
     /// True when `[gpa, gpa + len)` lies inside the region.
@@ -239,6 +313,35 @@ mod tests {
         assert!(m.contains(0, 4096));
         assert!(!m.contains(1, 4096));
         assert!(m.host_address(100).unwrap() != 0);
+    }
+
+    #[test]
+    fn fixed_size_and_index_accesses_are_bounds_checked() {
+        use std::sync::atomic::Ordering;
+        let m = GuestMem::new(0x10000, 8192).unwrap();
+        let end = 0x10000 + 8192;
+        // The last bytes of the region work, one byte further does not.
+        m.write_array(end - 16, [7u8; 16]).unwrap();
+        assert_eq!(m.read_array::<16>(end - 16).unwrap(), [7u8; 16]);
+        let mut b = [0u8; 16];
+        m.read(end - 16, &mut b).unwrap();
+        assert_eq!(b, [7u8; 16]);
+        assert_matches!(m.write_array(end - 15, [0u8; 16]), Err(Error::Access(_)));
+        assert_matches!(m.read_array::<8>(end - 7), Err(Error::Access(_)));
+        assert_matches!(m.read_array::<2>(0xfff0), Err(Error::Access(_)));
+        assert_matches!(m.write_array(u64::MAX - 1, [0u8; 4]), Err(Error::Access(_)));
+        // Indices are little-endian.
+        m.store_u16(end - 2, 0x1234, Ordering::Release).unwrap();
+        assert_eq!(m.read_array::<2>(end - 2).unwrap(), [0x34, 0x12]);
+        assert_eq!(m.load_u16(end - 2, Ordering::Acquire).unwrap(), 0x1234);
+        assert_matches!(
+            m.load_u16(end - 1, Ordering::Acquire),
+            Err(Error::Access(_))
+        );
+        assert_matches!(
+            m.store_u16(end, 1, Ordering::Relaxed),
+            Err(Error::Access(_))
+        );
     }
 
     #[test]

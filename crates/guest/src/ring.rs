@@ -22,8 +22,6 @@
 
 use std::sync::atomic::{fence, Ordering};
 
-use vm_memory::{Bytes, GuestAddress};
-
 use crate::mem::{self, GuestMem};
 
 /// `VRING_DESC_F_NEXT`: the chain continues at `next`.
@@ -68,6 +66,14 @@ pub enum Error {
 
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An index or flags access that failed: [`Error::Index`] for an address outside guest memory.
+fn index_error(e: mem::Error) -> Error {
+    match e {
+        mem::Error::Access(g) => Error::Index(g),
+        other => Error::Mem(other),
+    }
+}
 
 /// One buffer of a chain to add: guest-physical address, length, device-writable or not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +166,8 @@ pub struct SplitRing {
     avail_idx: u16,
     kicked_avail: u16,
     last_used: u16,
+    /// The used index as last read: entries up to it can be popped without reading it again.
+    used_seen: u16,
 }
 
 impl SplitRing {
@@ -194,6 +202,7 @@ impl SplitRing {
             avail_idx: 0,
             kicked_avail: 0,
             last_used: 0,
+            used_seen: 0,
         })
     }
 
@@ -243,16 +252,11 @@ impl SplitRing {
     }
 
     fn store_u16(&self, mem: &GuestMem, gpa: u64, v: u16, order: Ordering) -> Result<()> {
-        mem.memory()
-            .store(v.to_le(), GuestAddress(gpa), order)
-            .map_err(Error::Index)
+        mem.store_u16(gpa, v, order).map_err(index_error)
     }
 
     fn load_u16(&self, mem: &GuestMem, gpa: u64, order: Ordering) -> Result<u16> {
-        mem.memory()
-            .load::<u16>(GuestAddress(gpa), order)
-            .map(u16::from_le)
-            .map_err(Error::Index)
+        mem.load_u16(gpa, order).map_err(index_error)
     }
 
     /// `size - 1`: ring positions modulo the (power-of-two) size without a division.
@@ -264,7 +268,7 @@ impl SplitRing {
     /// Writes one descriptor table entry (no free-list bookkeeping).
     pub fn write_desc(&self, mem: &GuestMem, index: u16, d: &RawDesc) -> Result<()> {
         let gpa = self.desc + DESC_SIZE * u64::from(index & self.mask());
-        Ok(mem.write(gpa, &d.encode())?)
+        Ok(mem.write_array(gpa, d.encode())?)
     }
 
     /// Takes `n` descriptors off the free list and returns their indices in chain order
@@ -402,7 +406,7 @@ impl SplitRing {
     /// published).
     pub fn push_avail(&mut self, mem: &GuestMem, head: u16) -> Result<()> {
         let slot = u64::from(self.avail_idx & self.mask());
-        mem.write(self.avail + 4 + 2 * slot, &head.to_le_bytes())?;
+        mem.write_array(self.avail + 4 + 2 * slot, head.to_le_bytes())?;
         self.avail_idx = self.avail_idx.wrapping_add(1);
         Ok(())
     }
@@ -460,12 +464,16 @@ impl SplitRing {
 
     /// Takes the next used entry, frees its chain and returns its token.
     pub fn pop_used(&mut self, mem: &GuestMem) -> Result<Option<UsedElem>> {
-        if self.used_idx(mem)? == self.last_used {
-            return Ok(None);
+        // The used index is read (Acquire) only when the entries seen last time are all taken:
+        // the ones before it were written before it was published.
+        if self.used_seen == self.last_used {
+            self.used_seen = self.used_idx(mem)?;
+            if self.used_seen == self.last_used {
+                return Ok(None);
+            }
         }
         let slot = u64::from(self.last_used & self.mask());
-        let mut b = [0u8; 8];
-        mem.read(self.used + 4 + 8 * slot, &mut b)?;
+        let b: [u8; 8] = mem.read_array(self.used + 4 + 8 * slot)?;
         self.last_used = self.last_used.wrapping_add(1);
         let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
@@ -609,6 +617,36 @@ mod tests {
             SplitRing::new(&mut m, 65535, false),
             Err(Error::InvalidSize(_))
         );
+    }
+
+    #[test]
+    fn used_entries_published_while_popping_are_all_seen() {
+        let (m, mut r) = setup(8, false);
+        let mut dev = Dev::new();
+        let seg = |addr| Seg {
+            addr,
+            len: 60,
+            write: false,
+        };
+        let heads: Vec<u16> = (0..4)
+            .map(|i| r.add(&m, &[seg(0x8000 + 0x100 * i)], i).unwrap())
+            .collect();
+        r.publish(&m).unwrap();
+        for _ in 0..4 {
+            dev.pop(&m, &r).unwrap();
+        }
+        // Two used, one popped; a third published before the next pop; then the last.
+        dev.put(&m, &r, u32::from(heads[0]), 0);
+        dev.put(&m, &r, u32::from(heads[1]), 0);
+        assert_eq!(r.pop_used(&m).unwrap().unwrap().token, Some(0));
+        dev.put(&m, &r, u32::from(heads[2]), 0);
+        assert_eq!(r.pop_used(&m).unwrap().unwrap().token, Some(1));
+        assert_eq!(r.pop_used(&m).unwrap().unwrap().token, Some(2));
+        assert!(r.pop_used(&m).unwrap().is_none());
+        dev.put(&m, &r, u32::from(heads[3]), 0);
+        assert_eq!(r.pop_used(&m).unwrap().unwrap().token, Some(3));
+        assert!(r.pop_used(&m).unwrap().is_none());
+        assert_eq!(r.num_free(), 8);
     }
 
     #[test]
