@@ -286,6 +286,20 @@ impl<'c, 'a> AvailCursor<'c, 'a> {
         self.idx.wrapping_sub(queue.next_avail())
     }
 
+    /// The head `k` entries past `queue.next_avail()`, without taking it (`None` beyond the
+    /// avail index or when the ring is not in one region). For prefetching only: the head is
+    /// read again when it is taken.
+    #[inline]
+    pub fn peek(&self, queue: &Queue, k: u16) -> Option<u16> {
+        if k >= self.pending(queue) {
+            return None;
+        }
+        let at = queue.next_avail().wrapping_add(k);
+        let off = usize::from(ring_slot(at, self.size)) * 2;
+        let b = self.entries.as_ref()?.get_ref::<[u8; 2]>(off).ok()?.load();
+        Some(u16::from_le_bytes(b))
+    }
+
     /// The next head, advancing `queue.next_avail()`.
     #[inline]
     pub fn next(&mut self, queue: &mut Queue) -> Option<u16> {
@@ -705,6 +719,70 @@ pub fn prefetch(s: &VolatileSlice<'_>) {
     let _ = s;
 }
 
+/// Like [`prefetch`], for a line the caller is about to write: PREFETCHW asks for the line
+/// in exclusive state. The driver's core last wrote the RX buffers it posts (and reads the used
+/// ring we write), so a plain store would first wait for that core to give the line up; the
+/// stores of a burst then queue behind one another in the store buffer. Falls back to
+/// [`prefetch`] on CPUs without PREFETCHW.
+#[inline(always)]
+pub fn prefetch_write(s: &VolatileSlice<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if *HAS_PREFETCHW {
+            let p = s.ptr_guard().as_ptr();
+            // SAFETY: PREFETCHW (supported, checked above) is a hint: it never faults, reads or
+            // writes nothing architecturally, and leaves the stack and flags alone; `p` is the
+            // start of a bounds-checked view of guest memory.
+            unsafe {
+                std::arch::asm!(
+                    "prefetchw [{p}]",
+                    p = in(reg) p,
+                    options(nostack, preserves_flags, readonly)
+                )
+            };
+            return;
+        }
+    }
+    prefetch(s)
+}
+
+/// Does the CPU have PREFETCHW (CPUID 0x8000_0001, ECX bit 8, "3DNowPrefetch")?
+#[cfg(target_arch = "x86_64")]
+static HAS_PREFETCHW: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    std::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0001
+        && std::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 8) != 0
+});
+
+/// Prefetch the cache lines of the first `span` bytes of `s` (at most [`PREFETCH_LINES`]
+/// lines), for reading or, with `write`, for writing.
+#[inline(always)]
+pub fn prefetch_lines(s: &VolatileSlice<'_>, span: usize, write: bool) {
+    let span = span.min(s.len());
+    let first = s.ptr_guard().as_ptr() as usize;
+    let mut off = 0;
+    for _ in 0..PREFETCH_LINES {
+        if off >= span {
+            break;
+        }
+        if let Ok(l) = s.subslice(off, 1) {
+            if write {
+                prefetch_write(&l);
+            } else {
+                prefetch(&l);
+            }
+        }
+        // The start of the next cache line.
+        off = (off + CACHE_LINE) - (first + off) % CACHE_LINE;
+    }
+}
+
+/// The cache line size this code assumes.
+pub const CACHE_LINE: usize = 64;
+/// The most cache lines [`prefetch_lines`] asks for: the virtio header, the Ethernet header and
+/// a small frame span two or three lines wherever the driver put the buffer; the copy of a
+/// larger frame is sequential, which the CPU's own prefetchers follow.
+pub const PREFETCH_LINES: usize = 3;
+
 impl DescTable<'_> {
     /// Descriptor `idx`, when the table lies in one region and `idx` is in it (else `None`:
     /// the walk reads it through the [`RegionCache`], or reports it).
@@ -728,16 +806,30 @@ impl DescTable<'_> {
         }
     }
 
-    /// Read descriptor `head` (prefetched earlier) and prefetch the start of its buffer: the
-    /// virtio header and the Ethernet header. Anything odd is left to the real walk.
+    /// Read descriptor `head` (prefetched earlier) and prefetch the first `span` bytes of its
+    /// buffer (the virtio header and the Ethernet header; see [`prefetch_lines`]). Anything odd
+    /// is left to the real walk.
     #[inline]
-    pub fn prefetch_buffer(&self, cache: &RegionCache<'_>, head: u16) {
+    pub fn prefetch_buffer(&self, cache: &RegionCache<'_>, head: u16, span: usize) {
         if let Some(b) = self
             .get(head)
             .filter(|d| u32::from(d.flags()) & VRING_DESC_F_INDIRECT == 0 && d.len() > 0)
-            .and_then(|d| cache.slice(d.addr(), 1))
+            .and_then(|d| cache.slice(d.addr(), (d.len() as usize).min(span)))
         {
-            prefetch(&b);
+            prefetch_lines(&b, span, false);
+        }
+    }
+
+    /// Read descriptor `head` (prefetched earlier) and, when it is a lone writable buffer (the
+    /// RX fast path, see [`lone_write_buffer`]), prefetch its first `span` bytes for writing.
+    #[inline]
+    pub fn prefetch_rx_buffer(&self, cache: &RegionCache<'_>, head: u16, span: usize) {
+        if let Some(b) = self
+            .get(head)
+            .filter(|d| u32::from(d.flags()) == VRING_DESC_F_WRITE && d.len() > 0)
+            .and_then(|d| cache.slice(d.addr(), (d.len() as usize).min(span)))
+        {
+            prefetch_lines(&b, span, true);
         }
     }
 }
@@ -1529,6 +1621,56 @@ pub(crate) mod tests {
             pop_avail(&cache, &mut q, 2, &mut heads),
             Err(virtio_queue::Error::InvalidAvailRingIndex)
         ));
+    }
+
+    #[test]
+    fn peek_sees_heads_ahead_without_taking_them() {
+        let mem = test_mem();
+        let mut d = Driver::new(&mem, 4);
+        for _ in 0..3 {
+            d.chain(&[(0x10_0000, 10, false)]);
+        }
+        let mut q = d.queue();
+        let cache = RegionCache::new(&mem);
+        let mut cur = AvailCursor::new(&cache, &q).unwrap();
+        assert_eq!(
+            (0..4).map(|k| cur.peek(&q, k)).collect::<Vec<_>>(),
+            [Some(0), Some(1), Some(2), None],
+            "nothing beyond the avail index"
+        );
+        assert_eq!(q.next_avail(), 0, "peeking takes nothing");
+        assert_eq!(cur.next(&mut q), Some(0));
+        assert_eq!(cur.peek(&q, 0), Some(1));
+        assert_eq!(cur.peek(&q, 1), Some(2));
+        assert_eq!(cur.peek(&q, 2), None);
+        assert_eq!(cur.peek(&q, u16::MAX), None);
+    }
+
+    #[test]
+    fn prefetches_stay_inside_their_views() {
+        let mem = test_mem();
+        let cache = RegionCache::new(&mem);
+        // A hint never faults, but the views it is built from are bounds-checked: every span,
+        // including ones past the slice, the region's last byte and an empty slice, is fine.
+        let s = cache.slice(0x40_0000 - 7, 7).unwrap();
+        for span in [0, 1, 6, 7, 8, 200, usize::MAX] {
+            prefetch_lines(&s, span, false);
+            prefetch_lines(&s, span, true);
+        }
+        let empty = cache.slice(0x2000, 0).unwrap();
+        prefetch_lines(&empty, 64, true);
+        // Descriptor-driven prefetches skip what the walk would refuse.
+        let d = Driver::new(&mem, 4);
+        d.put(0, 0x40_0000 - 4, 4096, VRING_DESC_F_WRITE as u16, 0);
+        d.put(1, 0x3000, 0, VRING_DESC_F_WRITE as u16, 0);
+        d.put(2, u64::MAX - 8, 64, 0, 0);
+        d.put(3, 0x3000, 64, F_INDIRECT, 0);
+        let q = d.queue();
+        let table = DescTable::new(&cache, &q);
+        for head in 0..6 {
+            table.prefetch_buffer(&cache, head, 76);
+            table.prefetch_rx_buffer(&cache, head, 76);
+        }
     }
 
     #[test]

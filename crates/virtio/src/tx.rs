@@ -29,6 +29,9 @@ use crate::virtio_net::{parse_hdr, Negotiated, MAX_FRAME_LEN};
 
 /// How many frames ahead the TX loop prefetches a frame's first bytes.
 const PREFETCH_AHEAD: usize = 4;
+/// How many bytes of a frame the TX loop prefetches (after the virtio header): the Ethernet
+/// header the switch routes on, and all of a small frame.
+const PREFETCH_SPAN: usize = 64;
 
 /// Most chains handled per batch.
 pub const TX_BATCH: usize = 64;
@@ -283,8 +286,9 @@ pub fn process_tx_queue(
     for &h in &scratch.heads {
         table.prefetch_desc(h);
     }
+    let span = params.hdr_len + PREFETCH_SPAN;
     for &h in scratch.heads.iter().take(PREFETCH_AHEAD) {
-        table.prefetch_buffer(&cache, h);
+        table.prefetch_buffer(&cache, h, span);
     }
     // Frames of one descriptor each (the common case) wait here and go to the switch as one
     // burst; any other frame sends the burst first, so the order is kept.
@@ -293,7 +297,7 @@ pub fn process_tx_queue(
     let mut n = 0usize;
     for (i, &head) in scratch.heads.iter().enumerate() {
         if let Some(&ahead) = scratch.heads.get(i + PREFETCH_AHEAD) {
-            table.prefetch_buffer(&cache, ahead);
+            table.prefetch_buffer(&cache, ahead, span);
         }
         let parsed = match parse_tx_segs(&cache, &table, head, params, &mut segs) {
             Ok(Some(hdr)) => {
