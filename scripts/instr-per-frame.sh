@@ -148,19 +148,11 @@ EOF
         }
         END { printf "%.0f", at(off) - at(on) }' "$d/frontend.log")
     # The backend's busy threads: every thread with more than 1 % of the largest count.
-    local total=0 threads=0 max=0 ir
-    for f in "$d"/cg.out-*; do
-        ir=$(ir_of "$f")
-        [ "$ir" -gt "$max" ] && max=$ir
-    done
-    for f in "$d"/cg.out-*; do
-        ir=$(ir_of "$f")
-        if [ "$ir" -gt $((max / 100)) ]; then
-            total=$((total + ir))
-            threads=$((threads + 1))
-        fi
-    done
-    echo "$total $frames $threads"
+    local f
+    for f in "$d"/cg.out-*; do ir_of "$f"; done | sort -rn | awk -v frames="$frames" '
+        NR == 1 { max = $1 }
+        $1 > max / 100 { total += $1; threads++ }
+        END { printf "%.0f %s %d\n", total, frames, threads }'
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -178,8 +170,6 @@ for len in ${sizes//,/ }; do
             read -r ir frames threads < "$work/result"
             if [ "${frames:-0}" -le 0 ]; then
                 echo "instr-per-frame.sh: no frames counted for $kind at $len B (logs in $work)" >&2
-                trap - EXIT
-                cleanup
                 exit 1
             fi
             per=$(awk -v a="$ir" -v b="$frames" 'BEGIN { printf "%.1f", a / b }')

@@ -754,16 +754,14 @@ static HAS_PREFETCHW: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
 });
 
 /// Prefetch the cache lines of the first `span` bytes of `s` (at most [`PREFETCH_LINES`]
-/// lines), for reading or, with `write`, for writing.
+/// lines), for reading or, with `write`, for writing. Returns how many lines it asked for.
 #[inline(always)]
-pub fn prefetch_lines(s: &VolatileSlice<'_>, span: usize, write: bool) {
+pub fn prefetch_lines(s: &VolatileSlice<'_>, span: usize, write: bool) -> usize {
     let span = span.min(s.len());
     let first = s.ptr_guard().as_ptr() as usize;
     let mut off = 0;
-    for _ in 0..PREFETCH_LINES {
-        if off >= span {
-            break;
-        }
+    let mut lines = 0;
+    while lines < PREFETCH_LINES && off < span {
         if let Ok(l) = s.subslice(off, 1) {
             if write {
                 prefetch_write(&l);
@@ -771,9 +769,11 @@ pub fn prefetch_lines(s: &VolatileSlice<'_>, span: usize, write: bool) {
                 prefetch(&l);
             }
         }
+        lines += 1;
         // The start of the next cache line.
         off = (off + CACHE_LINE) - (first + off) % CACHE_LINE;
     }
+    lines
 }
 
 /// The cache line size this code assumes.
@@ -807,30 +807,31 @@ impl DescTable<'_> {
     }
 
     /// Read descriptor `head` (prefetched earlier) and prefetch the first `span` bytes of its
-    /// buffer (the virtio header and the Ethernet header; see [`prefetch_lines`]). Anything odd
-    /// is left to the real walk.
+    /// buffer (see [`prefetch_lines`]): for reading (TX: the virtio and Ethernet headers the
+    /// switch reads), or with `write` for writing, when it is a lone writable buffer (the RX
+    /// fast path, see [`lone_write_buffer`]). Anything odd is left to the real walk. Returns
+    /// whether it asked for any line.
     #[inline]
-    pub fn prefetch_buffer(&self, cache: &RegionCache<'_>, head: u16, span: usize) {
-        if let Some(b) = self
-            .get(head)
-            .filter(|d| u32::from(d.flags()) & VRING_DESC_F_INDIRECT == 0 && d.len() > 0)
+    pub fn prefetch_buffer(
+        &self,
+        cache: &RegionCache<'_>,
+        head: u16,
+        span: usize,
+        write: bool,
+    ) -> bool {
+        let usable = |d: &RawDesc| {
+            let flags = u32::from(d.flags());
+            d.len() > 0
+                && if write {
+                    flags == VRING_DESC_F_WRITE
+                } else {
+                    flags & VRING_DESC_F_INDIRECT == 0
+                }
+        };
+        self.get(head)
+            .filter(usable)
             .and_then(|d| cache.slice(d.addr(), (d.len() as usize).min(span)))
-        {
-            prefetch_lines(&b, span, false);
-        }
-    }
-
-    /// Read descriptor `head` (prefetched earlier) and, when it is a lone writable buffer (the
-    /// RX fast path, see [`lone_write_buffer`]), prefetch its first `span` bytes for writing.
-    #[inline]
-    pub fn prefetch_rx_buffer(&self, cache: &RegionCache<'_>, head: u16, span: usize) {
-        if let Some(b) = self
-            .get(head)
-            .filter(|d| u32::from(d.flags()) == VRING_DESC_F_WRITE && d.len() > 0)
-            .and_then(|d| cache.slice(d.addr(), (d.len() as usize).min(span)))
-        {
-            prefetch_lines(&b, span, true);
-        }
+            .is_some_and(|b| prefetch_lines(&b, span, write) > 0)
     }
 }
 
@@ -1647,30 +1648,47 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn prefetches_stay_inside_their_views() {
+    fn prefetches_ask_for_the_lines_of_their_span_only() {
         let mem = test_mem();
         let cache = RegionCache::new(&mem);
-        // A hint never faults, but the views it is built from are bounds-checked: every span,
-        // including ones past the slice, the region's last byte and an empty slice, is fine.
-        let s = cache.slice(0x40_0000 - 7, 7).unwrap();
-        for span in [0, 1, 6, 7, 8, 200, usize::MAX] {
-            prefetch_lines(&s, span, false);
-            prefetch_lines(&s, span, true);
-        }
-        let empty = cache.slice(0x2000, 0).unwrap();
-        prefetch_lines(&empty, 64, true);
-        // Descriptor-driven prefetches skip what the walk would refuse.
-        let d = Driver::new(&mem, 4);
-        d.put(0, 0x40_0000 - 4, 4096, VRING_DESC_F_WRITE as u16, 0);
-        d.put(1, 0x3000, 0, VRING_DESC_F_WRITE as u16, 0);
-        d.put(2, u64::MAX - 8, 64, 0, 0);
+        // A buffer 60 bytes into a cache line: a 76-byte span (header + 64 B frame) covers
+        // three lines, a 4-byte one the first only; never more than PREFETCH_LINES.
+        let s = cache.slice(0x1000 + 60, 2000).unwrap();
+        assert_eq!(prefetch_lines(&s, 76, true), 3);
+        assert_eq!(prefetch_lines(&s, 4, false), 1);
+        assert_eq!(prefetch_lines(&s, 5, false), 2);
+        assert_eq!(prefetch_lines(&s, 2000, false), PREFETCH_LINES);
+        // The span stops at the view: the region's last 7 bytes are one line; empty is none.
+        let end = cache.slice(0x40_0000 - 7, 7).unwrap();
+        assert_eq!(prefetch_lines(&end, usize::MAX, true), 1);
+        assert_eq!(
+            prefetch_lines(&cache.slice(0x2000, 0).unwrap(), 64, true),
+            0
+        );
+        // Descriptor-driven: only buffers the walk would take.
+        let d = Driver::new(&mem, 8);
+        d.put(0, 0x40_0000 - 4, 4096, F_WRITE, 0); // runs past the end of memory
+        d.put(1, 0x3000, 0, F_WRITE, 0); // empty
+        d.put(2, u64::MAX - 8, 64, 0, 0); // outside memory
         d.put(3, 0x3000, 64, F_INDIRECT, 0);
+        d.put(4, 0x3000, 2048, F_WRITE, 0);
+        d.put(5, 0x3000, 2048, 0, 0);
+        d.put(6, 0x3000, 2048, F_WRITE | F_NEXT, 1);
         let q = d.queue();
         let table = DescTable::new(&cache, &q);
-        for head in 0..6 {
-            table.prefetch_buffer(&cache, head, 76);
-            table.prefetch_rx_buffer(&cache, head, 76);
-        }
+        let asked = |write| {
+            (0..9)
+                .map(|h| table.prefetch_buffer(&cache, h, 76, write))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            asked(false),
+            [false, false, false, false, true, true, true, false, false]
+        );
+        assert_eq!(
+            asked(true),
+            [false, false, false, false, true, false, false, false, false]
+        );
     }
 
     #[test]

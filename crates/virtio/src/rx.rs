@@ -488,7 +488,9 @@ impl RxRing {
         }
         for (k, f) in frames.iter().enumerate().take(RX_PREFETCH_AHEAD.min(ahead)) {
             if let Some(h) = avail.peek(queue, k as u16) {
-                rings.desc.prefetch_rx_buffer(cache, h, hdr_len + f.len());
+                rings
+                    .desc
+                    .prefetch_buffer(cache, h, hdr_len + f.len(), true);
             }
         }
         let mut done = 0;
@@ -501,15 +503,15 @@ impl RxRing {
                 if let Some(h) = avail.peek(queue, RX_PREFETCH_AHEAD as u16) {
                     rings
                         .desc
-                        .prefetch_rx_buffer(cache, h, hdr_len + next.len());
+                        .prefetch_buffer(cache, h, hdr_len + next.len(), true);
                 }
             }
             let at = queue.next_avail();
             let Some(head) = avail.next(queue) else {
                 break;
             };
-            let need = self.params.hdr_len + flen;
-            let Some(buf) = desc::lone_write_buffer(cache, &rings.desc, head, need) else {
+            let Some(buf) = desc::lone_write_buffer(cache, &rings.desc, head, hdr_len + flen)
+            else {
                 queue.set_next_avail(at);
                 break;
             };

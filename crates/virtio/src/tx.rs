@@ -288,7 +288,7 @@ pub fn process_tx_queue(
     }
     let span = params.hdr_len + PREFETCH_SPAN;
     for &h in scratch.heads.iter().take(PREFETCH_AHEAD) {
-        table.prefetch_buffer(&cache, h, span);
+        table.prefetch_buffer(&cache, h, span, false);
     }
     // Frames of one descriptor each (the common case) wait here and go to the switch as one
     // burst; any other frame sends the burst first, so the order is kept.
@@ -297,7 +297,7 @@ pub fn process_tx_queue(
     let mut n = 0usize;
     for (i, &head) in scratch.heads.iter().enumerate() {
         if let Some(&ahead) = scratch.heads.get(i + PREFETCH_AHEAD) {
-            table.prefetch_buffer(&cache, ahead, span);
+            table.prefetch_buffer(&cache, ahead, span, false);
         }
         let parsed = match parse_tx_segs(&cache, &table, head, params, &mut segs) {
             Ok(Some(hdr)) => {
